@@ -1,0 +1,38 @@
+"""The wire protocol between the trainer-side hook and the sidecar. No wandb, mmcv or torch here."""
+
+from .codec import Header, Message, decode, decode_body, decode_header, encode, encode_body, encode_header
+from .errors import (
+    InvalidField,
+    LimitExceeded,
+    MalformedFrame,
+    ProtocolError,
+    UnknownKind,
+    UnsupportedVersion,
+)
+from .kinds import NEVER_DROPPED, SEQUENCED, Kind
+from .limits import MAX_FRAME_BYTES, PROTOCOL_VERSION
+
+DEFAULT_ADDR = "tcp://127.0.0.1:5555"
+
+__all__ = [
+    "DEFAULT_ADDR",
+    "Header",
+    "InvalidField",
+    "Kind",
+    "LimitExceeded",
+    "MAX_FRAME_BYTES",
+    "MalformedFrame",
+    "Message",
+    "NEVER_DROPPED",
+    "PROTOCOL_VERSION",
+    "ProtocolError",
+    "SEQUENCED",
+    "UnknownKind",
+    "UnsupportedVersion",
+    "decode",
+    "decode_body",
+    "decode_header",
+    "encode",
+    "encode_body",
+    "encode_header",
+]

@@ -1,0 +1,1 @@
+"""The wandb sidecar: receives from trainers, journals, and does all wandb work."""

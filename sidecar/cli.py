@@ -1,0 +1,102 @@
+"""``wandb-sidecar``: serve trainers, or report what a running sidecar is doing."""
+
+from __future__ import annotations
+
+import json
+import logging
+import netrc
+import os
+import signal
+import sys
+
+import click
+
+from protocol import DEFAULT_ADDR
+
+log = logging.getLogger("sidecar")
+
+
+def _has_wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        auth = netrc.netrc(os.environ.get("NETRC") or os.path.expanduser("~/.netrc"))
+    except (OSError, netrc.NetrcParseError):
+        return False
+    base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    return auth.authenticators(base) is not None
+
+
+def _choose_wandb_mode() -> str:
+    """wandb reads its own environment; with no credentials and no explicit mode we run offline."""
+    if not os.environ.get("WANDB_MODE") and not _has_wandb_credentials():
+        os.environ["WANDB_MODE"] = "offline"
+        log.info("no wandb credentials and no WANDB_MODE: running offline (upload later with `wandb sync`)")
+    return os.environ.get("WANDB_MODE", "online")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@click.group()
+def main() -> None:
+    """Asynchronous wandb logging sidecar for MMDetection and any training loop."""
+
+
+@main.command()
+@click.option("--bind", default=DEFAULT_ADDR, show_default=True, envvar="WANDB_SIDECAR_BIND",
+              help="ZeroMQ address trainers connect to.")
+@click.option("--journal-dir", default=".wandb-sidecar/journal", show_default=True,
+              envvar="WANDB_SIDECAR_JOURNAL", type=click.Path(file_okay=False),
+              help="Where messages are journaled before they are acknowledged.")
+@click.option("--allow-root", "allow_roots", multiple=True, type=click.Path(file_okay=False),
+              envvar="WANDB_SIDECAR_ALLOW_ROOTS",
+              help="Only files under these directories are read (checkpoints, images). Repeatable. "
+                   "Default: the working directory.")
+@click.option("--heartbeat-timeout", default=60.0, show_default=True, type=float,
+              help="Seconds without a message or heartbeat before a trainer is declared dead.")
+@click.option("--no-fsync", is_flag=True, help="Do not fsync the journal (faster, not crash-safe).")
+@click.option("--log-level", default="INFO", show_default=True)
+def serve(bind: str, journal_dir: str, allow_roots: tuple[str, ...], heartbeat_timeout: float,
+          no_fsync: bool, log_level: str) -> None:
+    """Receive from trainers and do all wandb work. SIGTERM drains, finishes every run, exits 0."""
+    _setup_logging(log_level)
+    mode = _choose_wandb_mode()
+    from .server import SidecarServer  # imports wandb: keep `status` fast
+
+    server = SidecarServer(bind, journal_dir, list(allow_roots) or [os.getcwd()],
+                           heartbeat_timeout=heartbeat_timeout, fsync=not no_fsync)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if server._stop.is_set():
+            log.warning("second %s: exiting without waiting for wandb", signal.Signals(signum).name)
+            os._exit(1)
+        log.info("%s: draining and finishing every run", signal.Signals(signum).name)
+        server.request_stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info("wandb mode: %s", mode)
+    server.serve()
+
+
+@main.command()
+@click.option("--connect", default=DEFAULT_ADDR, show_default=True, envvar="WANDB_SIDECAR_ADDR")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
+@click.option("--timeout", default=3.0, show_default=True, type=float)
+def status(connect: str, as_json: bool, timeout: float) -> None:
+    """Report runs and counters of a running sidecar. Exit code 1 when it does not answer."""
+    from .status_view import Unreachable, fetch_status, render
+
+    try:
+        st = fetch_status(connect, timeout)
+    except Unreachable as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(1)
+    click.echo(json.dumps(st, indent=2, sort_keys=True) if as_json else render(st))
+
+
+if __name__ == "__main__":
+    main()

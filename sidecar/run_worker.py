@@ -1,0 +1,136 @@
+"""One thread per trainer run: takes journaled messages in sequence order and applies them to wandb.
+
+wandb work is slow and sometimes fails; none of that reaches the receiver or the trainer. ``wandb.init``
+failures are retried with exponential backoff while the messages wait (they are in the journal).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Callable
+
+from protocol import Kind, Message
+
+from .wandb_sink import FileGuard, WandbSink
+
+log = logging.getLogger("sidecar.worker")
+
+_STOP = object()
+#: Exit code given to a run whose trainer stopped sending heartbeats.
+LOST_EXIT_CODE = 255
+
+
+class RunWorker(threading.Thread):
+    def __init__(
+        self,
+        run_id: str,
+        file_guard: FileGuard,
+        on_delivered: Callable[[str, int], None],
+        on_finished: Callable[[str, int], None],
+        delivered: int = 0,
+        retry_max: float = 60.0,
+    ) -> None:
+        super().__init__(name=f"run-{run_id}", daemon=True)
+        self.run_id = run_id
+        self.sink = WandbSink(run_id, file_guard)
+        self.queue: queue.Queue[object] = queue.Queue()
+        self.delivered = delivered
+        self.on_delivered = on_delivered
+        self.on_finished = on_finished
+        self.retry_max = retry_max
+        self.last_error = ""
+        self.state = "starting"
+        self.finished_with: int | None = None
+        self._abort = threading.Event()
+        self._last_mark = 0.0
+
+    def submit(self, msg: Message) -> None:
+        self.queue.put(msg)
+
+    def stop(self, exit_code: int | None = None) -> None:
+        """Finish after what is queued; ``exit_code`` None means the trainer did not finish (SIGTERM)."""
+        self.queue.put((_STOP, exit_code))
+
+    def abort(self) -> None:
+        """Give up waiting on wandb (second SIGTERM)."""
+        self._abort.set()
+
+    # ------------------------------------------------------------------------------------ loop
+
+    def run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if isinstance(item, tuple) and item[0] is _STOP:
+                self._finish(item[1])
+                return
+            assert isinstance(item, Message)
+            self._apply_with_retry(item)
+            if self.finished_with is not None:
+                return
+            if self.queue.empty() or time.monotonic() - self._last_mark > 0.5:
+                self._mark_delivered()
+
+    def _apply_with_retry(self, msg: Message) -> None:
+        delay = 1.0
+        while True:
+            try:
+                self._apply(msg)
+                return
+            except Exception as exc:  # wandb raises anything; a failed message must not kill the run
+                self.last_error = f"{msg.kind} seq {msg.seq}: {type(exc).__name__}: {exc}"
+                if msg.kind is not Kind.RUN_START:
+                    log.error("run %s: %s (skipped)", self.run_id, self.last_error)
+                    self.sink._count(f"failed_{msg.kind}")
+                    return
+                self.state = "retrying"
+                log.error("run %s: %s; retrying in %.0f s", self.run_id, self.last_error, delay)
+                if self._abort.wait(delay):
+                    raise SystemExit from exc
+                delay = min(delay * 2, self.retry_max)
+
+    def _apply(self, msg: Message) -> None:
+        kind = msg.kind
+        if kind is Kind.RUN_START:
+            if self.sink.run is None:
+                self.sink.start(msg)
+                self.state = "running"
+            return
+        if msg.seq <= self.delivered:
+            return  # replayed after a restart; wandb has it already
+        if self.sink.run is None:
+            raise RuntimeError("message before run start")
+        if kind is Kind.METRICS:
+            self.sink.metrics(msg)
+        elif kind is Kind.CHECKPOINT:
+            self.sink.checkpoint(msg)
+        elif kind is Kind.VAL_DATA:
+            self.sink.val_data(msg)
+        elif kind is Kind.PRED_BATCH:
+            self.sink.pred_batch(msg)
+        elif kind is Kind.RUN_FINISH:
+            self.delivered = msg.seq
+            self._finish(msg.body["exit_code"])
+            return
+        self.delivered = msg.seq
+
+    def _mark_delivered(self) -> None:
+        held = self.sink.undelivered_from()
+        seq = held - 1 if held else self.delivered
+        self._last_mark = time.monotonic()
+        self.on_delivered(self.run_id, seq)
+
+    def _finish(self, exit_code: int | None) -> None:
+        try:
+            if self.sink.run is not None:
+                self.sink.finish(0 if exit_code is None else exit_code)
+        except Exception as exc:
+            self.last_error = f"finish: {type(exc).__name__}: {exc}"
+            log.error("run %s: %s", self.run_id, self.last_error)
+        self.state = "finished" if exit_code is not None else "paused"
+        self.finished_with = exit_code
+        self.on_delivered(self.run_id, self.delivered)
+        if exit_code is not None:
+            self.on_finished(self.run_id, exit_code)

@@ -1,0 +1,158 @@
+"""The only place that talks to wandb: one ``WandbSink`` per trainer run, driven by its ``RunWorker``.
+
+Metrics of the same step are coalesced into one ``run.log`` call (wandb calls cost ~0.1-1 ms each). The
+row of the newest step is held open until a later step arrives or the run ends, as wandb itself does
+with explicit steps, so a validation log at the training step's number joins that row.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import wandb
+
+from protocol import Message
+from protocol.limits import SPOOL_DIR_NAME
+
+from .media import MediaBuilder
+
+log = logging.getLogger("sidecar.wandb")
+
+
+class SinkError(RuntimeError):
+    """A wandb call failed in a way worth retrying (init) or reporting (artifact)."""
+
+
+class WandbSink:
+    def __init__(self, run_id: str, file_guard: "FileGuard") -> None:
+        self.run_id = run_id
+        self.guard = file_guard
+        self.run: Any = None
+        self.pending_step: int | None = None
+        self.pending_row: dict[str, Any] = {}
+        self.pending_first_seq = 0
+        self.counters: dict[str, int] = {}
+        self.media: MediaBuilder | None = None
+
+    def _count(self, key: str, n: int = 1) -> None:
+        self.counters[key] = self.counters.get(key, 0) + n
+
+    # ------------------------------------------------------------------------------- run life
+
+    def start(self, msg: Message) -> None:
+        """``wandb.init`` (resuming the same id if it exists), define_metric, config, saved files."""
+        body = msg.body
+        init = dict(body["init_kwargs"])
+        init["id"] = self.run_id
+        settings = init.pop("settings", None)
+        settings = wandb.Settings(**settings) if isinstance(settings, dict) else wandb.Settings()
+        settings.console = "off"
+        init.setdefault("resume", "allow")
+        init["reinit"] = "create_new"
+        if body.get("config"):
+            init["config"] = {**(init.get("config") or {}), **body["config"]}
+        try:
+            self.run = wandb.init(settings=settings, **init)
+        except Exception as exc:
+            raise SinkError(f"wandb.init failed: {type(exc).__name__}: {exc}") from exc
+        for metric in body.get("define_metrics", []):
+            self.run.define_metric(**metric)
+        for f in body.get("files", []):
+            self._save_file(f)
+        self.media = MediaBuilder(self.run, self.guard)
+
+    def _save_file(self, f: dict[str, str]) -> None:
+        path = self.guard.check(f.get("path", ""))
+        if path is None or not path.is_file():
+            self._count("file_missing")
+            log.warning("run %s: file to save %r is missing or not allowed", self.run_id, f.get("path"))
+            return
+        self.run.save(str(path), base_path=f.get("base_path") or str(path.parent), policy="now")
+
+    def finish(self, exit_code: int) -> None:
+        self.flush_metrics()
+        if self.run is not None:
+            self.run.finish(exit_code=exit_code)
+            self.run = None
+
+    # ------------------------------------------------------------------------------- metrics
+
+    def metrics(self, msg: Message) -> None:
+        body = msg.body
+        step, data = body.get("step"), body["data"]
+        if step is None or body.get("commit") is False:
+            self.flush_metrics()
+            self.run.log(data, step=step, commit=body.get("commit", True))
+            self._count("log_calls")
+            return
+        if self.pending_step is None or step > self.pending_step:
+            self.flush_metrics()
+            self.pending_step = step
+            self.pending_first_seq = msg.seq
+            self.pending_row = dict(data)
+        elif step == self.pending_step:
+            self.pending_row.update(data)
+        else:
+            self._count("late_step")
+            log.warning("run %s: step %d arrived after step %d was logged; wandb drops it",
+                        self.run_id, step, self.pending_step)
+            self.run.log(data, step=step)
+
+    def flush_metrics(self) -> None:
+        if self.pending_step is not None and self.pending_row:
+            self.run.log(self.pending_row, step=self.pending_step)
+            self._count("log_calls")
+        self.pending_row = {}
+        self.pending_first_seq = 0
+
+    def undelivered_from(self) -> int:
+        """First sequence number only held in the open row (0 when none)."""
+        return self.pending_first_seq
+
+    # ------------------------------------------------------------------------------- artifacts
+
+    def checkpoint(self, msg: Message) -> None:
+        body = msg.body
+        path = self.guard.check(body["path"])
+        if path is None:
+            self._count("checkpoint_refused")
+            log.error("run %s: checkpoint %r is outside the allowed roots; not uploaded", self.run_id, body["path"])
+            return
+        if not path.is_file():
+            self._count("checkpoint_missing")
+            log.error("run %s: checkpoint %s does not exist; nothing to upload", self.run_id, path)
+            return
+        name = body.get("artifact_name") or f"run_{self.run.id}_model"
+        artifact = wandb.Artifact(name, type="model", metadata=body.get("metadata") or None)
+        artifact.add_file(str(path), name=os.path.basename(body.get("source_path") or body["path"]))
+        self.run.log_artifact(artifact, aliases=list(body.get("aliases") or ["latest"]))
+        self._count("checkpoints")
+        if body.get("spooled") and path.parent.name == SPOOL_DIR_NAME:
+            path.unlink(missing_ok=True)  # add_file staged a copy; the hardlink has done its job
+
+    def val_data(self, msg: Message) -> None:
+        assert self.media is not None
+        self.media.val_table(msg.body)
+
+    def pred_batch(self, msg: Message) -> None:
+        assert self.media is not None
+        self.media.pred_table(msg.body)
+
+
+class FileGuard:
+    """Resolve a path (symlinks, ``..``) and allow it only under the configured roots."""
+
+    def __init__(self, roots: list[str | os.PathLike[str]]) -> None:
+        self.roots = [Path(r).resolve() for r in roots]
+
+    def check(self, path: str) -> Path | None:
+        try:
+            resolved = Path(path).resolve(strict=False)
+        except (OSError, RuntimeError, ValueError):
+            return None
+        if any(resolved == r or resolved.is_relative_to(r) for r in self.roots):
+            return resolved
+        return None
