@@ -1,0 +1,19 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.sidecar_process import SidecarProcess  # noqa: E402
+
+
+@pytest.fixture
+def sidecar(tmp_path: Path):
+    """A running sidecar in its own process (wandb offline, everything under tmp_path)."""
+    with SidecarProcess(tmp_path) as proc:
+        yield proc

@@ -1,0 +1,138 @@
+"""In-process equivalent of mmdet 2.x ``tools/train.py`` for the tiny test config.
+
+Run as a subprocess::
+
+    PYTHONPATH=/work/main python -m tests.mmdet2.train --work-dir /tmp/x --data-root /tmp/d \
+        --logger upstream
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from mmcv import Config
+
+EXP_NAME = "tiny_mask_rcnn.py"
+HOOK_ARGS: dict[str, Any] = dict(
+    interval=1,
+    log_checkpoint=True,
+    log_checkpoint_metadata=True,
+    num_eval_images=3,
+    bbox_score_thr=0.3,
+)
+
+
+@dataclass
+class TrainResult:
+    """What a finished run left behind."""
+
+    work_dir: Path
+    seconds: float
+    checkpoints: list[Path] = field(default_factory=list)
+    log_json: Path | None = None
+
+    def log_records(self) -> list[dict[str, Any]]:
+        """Records of mmcv's ``<timestamp>.log.json`` (first line is the env/config header)."""
+        if self.log_json is None:
+            return []
+        lines = self.log_json.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
+
+def logger_hooks(
+    logger: str, *, sidecar_addr: str | None = None, project: str = "test"
+) -> list[dict[str, Any]]:
+    """``log_config.hooks`` for ``logger`` in ``none`` | ``upstream`` | ``sidecar``."""
+    hooks: list[dict[str, Any]] = [dict(type="TextLoggerHook")]
+    init_kwargs = {"project": project, "mode": "offline"}
+    if logger == "upstream":
+        hooks.append(dict(type="MMDetWandbHook", init_kwargs=init_kwargs, **HOOK_ARGS))
+    elif logger == "sidecar":
+        hooks.append(dict(type="MMDetWandbSidecarHook", sidecar_addr=sidecar_addr,
+                          init_kwargs=init_kwargs, **HOOK_ARGS))
+    elif logger != "none":
+        raise ValueError(f"unknown logger {logger!r}")
+    return hooks
+
+
+def train(cfg: Config) -> TrainResult:
+    """Build model and dataset from ``cfg`` and run ``train_detector`` (validate=True, one process)."""
+    import mmcv
+    from mmcv.utils import import_modules_from_strings
+    from mmdet.apis import set_random_seed, train_detector
+    from mmdet.datasets import build_dataset
+    from mmdet.models import build_detector
+    from mmdet.utils import get_root_logger
+
+    if cfg.get("custom_imports"):
+        import_modules_from_strings(**cfg.custom_imports)
+    work_dir = Path(cfg.work_dir).resolve()
+    mmcv.mkdir_or_exist(str(work_dir))
+    cfg.dump(str(work_dir / EXP_NAME))  # MMDetWandbHook saves it and reads config keys from it
+    timestamp = time.strftime("%Y%m%d_%H%M%S", time.localtime())
+    get_root_logger(log_file=str(work_dir / f"{timestamp}.log"), log_level=cfg.log_level)
+    set_random_seed(cfg.seed, deterministic=False)
+    meta = dict(env_info="", config=cfg.pretty_text, seed=cfg.seed, exp_name=EXP_NAME)
+
+    start = time.perf_counter()
+    model = build_detector(cfg.model, train_cfg=cfg.get("train_cfg"), test_cfg=cfg.get("test_cfg"))
+    model.init_weights()
+    datasets = [build_dataset(cfg.data.train)]
+    cfg.checkpoint_config.meta = dict(CLASSES=datasets[0].CLASSES)
+    model.CLASSES = datasets[0].CLASSES
+    train_detector(model, datasets, cfg, distributed=False, validate=True, timestamp=timestamp, meta=meta)
+    seconds = time.perf_counter() - start
+
+    log_json = work_dir / f"{timestamp}.log.json"
+    return TrainResult(
+        work_dir=work_dir,
+        seconds=seconds,
+        checkpoints=sorted(p for p in work_dir.glob("*.pth") if not p.is_symlink()),
+        log_json=log_json if log_json.exists() else None,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: generate the synthetic data if missing, build the tiny config, train."""
+    from tests.mmdet2.synthetic_coco import coco_paths, make_coco_dataset
+    from tests.mmdet2.tiny_config import tiny_mask_rcnn_cfg
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--work-dir", required=True)
+    p.add_argument("--data-root", required=True, help="synthetic COCO root (created if missing)")
+    p.add_argument("--logger", choices=["none", "upstream", "sidecar"], default="none")
+    p.add_argument("--sidecar-addr", default="tcp://127.0.0.1:5555")
+    p.add_argument("--project", default="test")
+    p.add_argument("--by-iter", action="store_true", help="IterBasedRunner instead of epochs")
+    p.add_argument("--max-epochs", type=int, default=2)
+    p.add_argument("--max-iters", type=int, default=6)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    data = coco_paths(Path(args.data_root))
+    if not Path(data["train_ann_file"]).exists():
+        data = make_coco_dataset(Path(args.data_root))
+    cfg = tiny_mask_rcnn_cfg(
+        data,
+        args.work_dir,
+        by_epoch=not args.by_iter,
+        max_epochs=args.max_epochs,
+        max_iters=args.max_iters,
+        hooks=logger_hooks(args.logger, sidecar_addr=args.sidecar_addr, project=args.project),
+        seed=args.seed,
+    )
+    if args.logger == "sidecar":
+        cfg.custom_imports = dict(imports=["trainer_hook.mmdet"], allow_failed_imports=False)
+    result = train(cfg)
+    print(json.dumps({"work_dir": str(result.work_dir), "seconds": round(result.seconds, 3),
+                      "checkpoints": [str(c) for c in result.checkpoints]}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
