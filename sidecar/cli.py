@@ -98,5 +98,25 @@ def status(connect: str, as_json: bool, timeout: float) -> None:
     click.echo(json.dumps(st, indent=2, sort_keys=True) if as_json else render(st))
 
 
+@main.command()
+@click.argument("wandb_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per run.")
+def inspect(wandb_dir: str, as_json: bool) -> None:
+    """Summarise the offline runs under WANDB_DIR (read with wandb's own reader)."""
+    from .readback import describe, read_runs
+
+    runs = read_runs(wandb_dir)
+    if not runs:
+        click.echo(f"no offline runs under {wandb_dir}", err=True)
+        sys.exit(1)
+    for run in runs.values():
+        if as_json:
+            click.echo(json.dumps({"run_id": run.run_id, "exit_code": run.exit_code, "steps": run.steps(),
+                                   "config": run.config,
+                                   "artifacts": [a.__dict__ for a in run.artifacts]}, default=str))
+        else:
+            click.echo(describe(run))
+
+
 if __name__ == "__main__":
     main()

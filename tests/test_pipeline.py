@@ -15,7 +15,7 @@ import zmq
 from protocol import Kind, encode
 from tests.sidecar_process import SidecarProcess, free_port
 from tests.stream_client import value
-from tests.wandb_readback import read_runs
+from sidecar.readback import read_runs
 from trainer_hook import SidecarClient
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -97,3 +97,18 @@ def read_runs(wandb_dir: str | os.PathLike[str]) -> dict[str, RunRecords]:
                 run.records.append(rec)
                 _apply(run, rec)
     return runs
+
+
+def describe(run: RunRecords) -> str:
+    """A few lines a person can read: what one run holds."""
+    keys = sorted({k for row in run.history for k in row if not k.startswith("_")})
+    steps = run.steps()
+    lines = [f"run {run.run_id} (project {run.project or '-'}, exit code {run.exit_code}, {len(run.dirs)} run dir(s))",
+             f"  history: {len(steps)} rows, steps {steps[0] if steps else '-'}..{steps[-1] if steps else '-'}, "
+             f"{len(keys)} keys: {', '.join(keys[:12])}{' ...' if len(keys) > 12 else ''}",
+             f"  config: {len(run.config)} keys"]
+    for a in run.artifacts:
+        meta = ", ".join(sorted(a.metadata)[:8])
+        lines.append(f"  artifact {a.name} ({a.type}) aliases {sorted(a.aliases)} files {sorted(a.files)[:4]}"
+                     + (f" metadata [{meta}]" if meta else ""))
+    return "\n".join(lines)

@@ -1,0 +1,107 @@
+"""The wire format: round trips, strict refusal of anything else, and a property test of the decoder."""
+
+from __future__ import annotations
+
+import math
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol import (
+    InvalidField,
+    Kind,
+    LimitExceeded,
+    MalformedFrame,
+    ProtocolError,
+    UnknownKind,
+    UnsupportedVersion,
+    decode,
+    encode,
+)
+from protocol.limits import MAX_HEADER_BYTES
+
+
+def test_metrics_round_trip_keeps_values_and_numpy_scalars() -> None:
+    frames = encode(Kind.METRICS, "run1", 7, 12.5, {"data": {"a": np.float32(0.5), "b": 3, "nan": math.nan}, "step": 4})
+    assert len(frames) == 2  # no arrays, no blob
+    msg = decode(frames)
+    assert (msg.kind, msg.run_id, msg.seq, msg.header.time) == (Kind.METRICS, "run1", 7, 12.5)
+    assert msg.body["data"]["a"] == 0.5 and msg.body["data"]["b"] == 3 and math.isnan(msg.body["data"]["nan"])
+    assert msg.body["step"] == 4
+
+
+def test_arrays_travel_in_one_blob_and_come_back_equal() -> None:
+    boxes = [np.random.default_rng(i).random((i + 1, 4), dtype=np.float32) for i in range(50)]
+    body = {"tag": "epoch_1", "indices": list(range(50)), "boxes": boxes,
+            "scores": [b[:, 0].copy() for b in boxes], "labels": [np.arange(len(b)) for b in boxes]}
+    frames = encode(Kind.PRED_BATCH, "run1", 2, 0.0, body)
+    assert len(frames) == 3  # header, body, one blob for 150 arrays
+    out = decode(frames).body
+    for a, b in zip(out["boxes"], boxes):
+        np.testing.assert_array_equal(a, b)
+        assert a.dtype == np.float32
+
+
+@pytest.mark.parametrize(
+    "frames, error",
+    [
+        ([b"\xc1"], MalformedFrame),
+        ([msgpack.packb([2, "metrics", "r", 1, 0.0]), msgpack.packb({"data": {}})], UnsupportedVersion),
+        ([msgpack.packb([1, "nope", "r", 1, 0.0]), msgpack.packb({})], UnknownKind),
+        ([msgpack.packb([1, "metrics", "a/b", 1, 0.0]), msgpack.packb({"data": {}})], InvalidField),
+        ([msgpack.packb([1, "metrics", "r", 0, 0.0]), msgpack.packb({"data": {}})], InvalidField),
+        ([msgpack.packb([1, "metrics", "r", 1, 0.0]), msgpack.packb({"data": {"x": {"y": 1}}})], InvalidField),
+        ([msgpack.packb([1, "metrics", "r", 1, 0.0]), msgpack.packb({"step": 1})], InvalidField),
+        ([msgpack.packb([1, "metrics", "r", 1, 0.0]), msgpack.packb({"data": {}, "extra": 1})], InvalidField),
+        ([msgpack.packb([1, "run_finish", "r", 1, 0.0]), msgpack.packb({"exit_code": "0"})], InvalidField),
+        ([b"\x00" * (MAX_HEADER_BYTES + 1)], LimitExceeded),
+        ([msgpack.packb([1, "metrics", "r", 1, 0.0]), msgpack.packb({}), b"", b""], LimitExceeded),
+    ],
+)
+def test_bad_messages_raise_the_protocol_error_for_their_reason(frames, error) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(error):
+        decode(frames)
+
+
+def test_array_reference_outside_blob_and_bad_dtype_are_refused() -> None:
+    frames = encode(Kind.PRED_BATCH, "r", 1, 0.0, {"tag": "t", "indices": [0], "boxes": [np.zeros((1, 4), np.float32)],
+                                                   "scores": [np.zeros(1, np.float32)], "labels": [np.zeros(1, np.int64)]})
+    with pytest.raises(MalformedFrame):
+        decode([frames[0], frames[1], frames[2][:-4]])  # truncated blob
+    with pytest.raises(TypeError):
+        encode(Kind.PRED_BATCH, "r", 1, 0.0, {"x": np.zeros(2, dtype=object)})
+    ref = msgpack.packb(["complex128", [1], 0, 16])
+    body = msgpack.packb({"tag": "t", "indices": [], "boxes": [msgpack.ExtType(1, ref)], "scores": [], "labels": []})
+    with pytest.raises(LimitExceeded):
+        decode([frames[0], body, b"\x00" * 16])
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.binary(max_size=200), min_size=0, max_size=4))
+def test_any_bytes_decode_or_raise_protocol_error(frames: list[bytes]) -> None:
+    try:
+        decode(frames)
+    except ProtocolError:
+        pass
+
+
+_msgpack_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=20) | st.binary(max_size=20),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.sampled_from(list(Kind)), st.text(max_size=10), st.integers(-5, 2**64 - 1), _msgpack_values,
+       st.dictionaries(st.text(max_size=12), _msgpack_values, max_size=6))
+def test_structured_garbage_decodes_or_raises_protocol_error(kind, run_id, seq, t, body) -> None:  # type: ignore[no-untyped-def]
+    frames = [msgpack.packb([1, kind.value, run_id, seq, t]), msgpack.packb(body)]
+    try:
+        msg = decode(frames)
+    except ProtocolError:
+        return
+    assert msg.kind is kind
