@@ -125,6 +125,8 @@ class RunWorker(threading.Thread):
     def _finish(self, exit_code: int | None) -> None:
         try:
             if self.sink.run is not None:
+                if exit_code == LOST_EXIT_CODE:
+                    self.sink.run.summary["sidecar/trainer_lost"] = True
                 self.sink.finish(0 if exit_code is None else exit_code)
         except Exception as exc:
             self.last_error = f"finish: {type(exc).__name__}: {exc}"
