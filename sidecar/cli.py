@@ -10,6 +10,7 @@ import signal
 import sys
 
 import click
+import zmq
 
 from protocol import DEFAULT_ADDR
 
@@ -58,16 +59,29 @@ def main() -> None:
 @click.option("--heartbeat-timeout", default=60.0, show_default=True, type=float,
               help="Seconds without a message or heartbeat before a trainer is declared dead.")
 @click.option("--no-fsync", is_flag=True, help="Do not fsync the journal (faster, not crash-safe).")
+@click.option("--curve-secret-key", type=click.Path(dir_okay=False, exists=True), envvar="WANDB_SIDECAR_CURVE_SECRET",
+              help="The server's secret key file (from `wandb-sidecar keys`): turns on CurveZMQ.")
+@click.option("--curve-authorized-keys", type=click.Path(file_okay=False, exists=True),
+              envvar="WANDB_SIDECAR_CURVE_AUTHORIZED", help="Directory of the client public keys (*.key) allowed in.")
+@click.option("--insecure", is_flag=True, help="Allow a non-loopback bind without keys (logged loudly).")
 @click.option("--log-level", default="INFO", show_default=True)
 def serve(bind: str, journal_dir: str, allow_roots: tuple[str, ...], heartbeat_timeout: float,
-          no_fsync: bool, log_level: str) -> None:
+          no_fsync: bool, curve_secret_key: str | None, curve_authorized_keys: str | None, insecure: bool,
+          log_level: str) -> None:
     """Receive from trainers and do all wandb work. SIGTERM drains, finishes every run, exits 0."""
     _setup_logging(log_level)
+    from .auth import InsecureBindRefused, socket_security
+
+    try:
+        security = socket_security(bind, curve_secret_key, curve_authorized_keys, insecure)
+    except (InsecureBindRefused, ValueError) as exc:
+        log.error("%s", exc)
+        sys.exit(2)
     mode = _choose_wandb_mode()
     from .server import SidecarServer  # imports wandb: keep `status` fast
 
     server = SidecarServer(bind, journal_dir, list(allow_roots) or [os.getcwd()],
-                           heartbeat_timeout=heartbeat_timeout, fsync=not no_fsync)
+                           heartbeat_timeout=heartbeat_timeout, fsync=not no_fsync, socket_setup=security)
 
     def on_signal(signum: int, _frame: object) -> None:
         if server._stop.is_set():
@@ -79,23 +93,43 @@ def serve(bind: str, journal_dir: str, allow_roots: tuple[str, ...], heartbeat_t
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     log.info("wandb mode: %s", mode)
-    server.serve()
+    try:
+        server.serve()
+    except zmq.ZMQError as exc:
+        log.error("cannot serve on %s: %s", bind, exc)
+        sys.exit(2)
 
 
 @main.command()
 @click.option("--connect", default=DEFAULT_ADDR, show_default=True, envvar="WANDB_SIDECAR_ADDR")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
 @click.option("--timeout", default=3.0, show_default=True, type=float)
-def status(connect: str, as_json: bool, timeout: float) -> None:
+@click.option("--curve-server-key", type=click.Path(dir_okay=False, exists=True), envvar="WANDB_SIDECAR_SERVER_KEY",
+              help="The sidecar's public key file, when it runs with CurveZMQ.")
+@click.option("--curve-client-key", type=click.Path(dir_okay=False, exists=True), envvar="WANDB_SIDECAR_CLIENT_KEY",
+              help="This client's secret key file, when the sidecar runs with CurveZMQ.")
+def status(connect: str, as_json: bool, timeout: float, curve_server_key: str | None,
+           curve_client_key: str | None) -> None:
     """Report runs and counters of a running sidecar. Exit code 1 when it does not answer."""
     from .status_view import Unreachable, fetch_status, render
 
     try:
-        st = fetch_status(connect, timeout)
+        st = fetch_status(connect, timeout, curve_server_key, curve_client_key)
     except Unreachable as exc:
         click.echo(str(exc), err=True)
         sys.exit(1)
     click.echo(json.dumps(st, indent=2, sort_keys=True) if as_json else render(st))
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--name", default="server", show_default=True, help="Key pair name, e.g. server or trainer-node1.")
+def keys(directory: str, name: str) -> None:
+    """Make a CurveZMQ key pair: NAME.key (public, hand it out) and NAME.key_secret (keep it)."""
+    from .auth import make_keys
+
+    public, secret = make_keys(directory, name)
+    click.echo(f"public key: {public}\nsecret key: {secret}")
 
 
 @main.command()

@@ -98,8 +98,10 @@ class RunWorker(threading.Thread):
                 self.sink.start(msg)
                 self.state = "running"
             return
-        if msg.seq <= self.delivered:
-            return  # replayed after a restart; wandb has it already
+        if msg.seq <= self.delivered:  # replayed after a restart; wandb has it already
+            if kind is Kind.VAL_DATA and self.sink.run is not None:
+                self.sink.val_data(msg, publish=False)  # prediction tables still need it in memory
+            return
         if self.sink.run is None:
             raise RuntimeError("message before run start")
         if kind is Kind.METRICS:

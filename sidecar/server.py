@@ -38,6 +38,12 @@ from .wandb_sink import FileGuard
 
 log = logging.getLogger("sidecar")
 
+
+class PathRefused(ProtocolError):
+    """A message names a file outside the sidecar's allowed roots."""
+
+    reason = "path_refused"
+
 BATCH = 2000
 
 
@@ -117,6 +123,9 @@ class SidecarServer:
                 self._handle_batch(sock)
         finally:
             sock.close(linger=500)
+            close = getattr(self.socket_setup, "close", None)
+            if close is not None:
+                close()
             ctx.term()
             self._drain_workers()
             self.journal.close()
@@ -142,7 +151,7 @@ class SidecarServer:
                 st.last_seq = max(st.last_seq, msg.seq)
                 if msg.kind is Kind.RUN_START:
                     st.start, st.start_frames = msg, frames
-                elif msg.seq > st.delivered:
+                elif msg.seq > st.delivered or msg.kind is Kind.VAL_DATA:
                     replay.append(msg)
             worker = self._worker(st)
             for msg in replay:
@@ -249,9 +258,34 @@ class SidecarServer:
                        {"reason": exc.reason, "detail": exc.detail[:500], "rejected_seq": header.seq})
             to_journal.append((header.run_id, [bytes(f) for f in frames]))
             return
+        refused = self._refused_path(msg)
+        if refused:
+            st.last_seq = header.seq
+            st.rejected += 1
+            exc = PathRefused(refused)
+            self._reject(peer, exc, header)
+            self._send(sock, peer, Kind.REJECT, header.run_id, header.seq,
+                       {"reason": exc.reason, "detail": exc.detail[:500], "rejected_seq": header.seq})
+            # journaled to keep the sequence whole; never dispatched (the sink re-checks on replay too)
+            to_journal.append((header.run_id, frames))
+            return
         st.last_seq = header.seq
         to_journal.append((header.run_id, frames))
         accepted.append((st, msg))
+
+    def _refused_path(self, msg: Message) -> str:
+        """A path in the message that resolves outside the allowed roots, or ''."""
+        body = msg.body
+        if msg.kind is Kind.CHECKPOINT:
+            paths = [body["path"]]
+        elif msg.kind is Kind.VAL_DATA:
+            paths = body.get("image_paths", [])
+        else:  # a run start's saved files are checked by the sink: a refused one must not stop the run
+            return ""
+        for path in paths:
+            if not isinstance(path, str) or self.guard.check(path) is None:
+                return f"{str(path)[:300]!r} is outside the allowed roots {[str(r) for r in self.guard.roots]}"
+        return ""
 
     def _reject(self, peer: bytes, exc: ProtocolError, header: Header | None = None) -> None:
         self.rejected[exc.reason] += 1
@@ -330,7 +364,7 @@ class SidecarServer:
                 "out_of_order": st.out_of_order,
                 "rejected": st.rejected,
                 "last_seen_s": round(now - st.last_seen, 1),
-                "wandb": dict(w.sink.counters) if w is not None else {},
+                "wandb": w.sink.all_counters() if w is not None else {},
                 "last_error": w.last_error if w is not None else "",
             }
         return {

@@ -8,19 +8,21 @@ from typing import Any
 import zmq
 
 from protocol import Kind, ProtocolError, decode, encode
+from protocol.curve import apply_client_keys, load_client_keys
 
 
 class Unreachable(RuntimeError):
     """No status reply within the timeout."""
 
 
-def fetch_status(addr: str, timeout: float = 3.0, curve: tuple[bytes, bytes, bytes] | None = None) -> dict[str, Any]:
+def fetch_status(addr: str, timeout: float = 3.0, server_key_file: str | None = None,
+                 client_key_file: str | None = None) -> dict[str, Any]:
     """One STATUS request; raises :class:`Unreachable` when nothing answers in ``timeout`` seconds."""
+    keys = load_client_keys(server_key_file, client_key_file)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    if curve is not None:
-        sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = curve
+    apply_client_keys(sock, keys)
     try:
         sock.connect(addr)
         sock.send_multipart(encode(Kind.STATUS, "", 0, time.time(), {}))

@@ -40,6 +40,10 @@ class WandbSink:
     def _count(self, key: str, n: int = 1) -> None:
         self.counters[key] = self.counters.get(key, 0) + n
 
+    def all_counters(self) -> dict[str, int]:
+        """Sink and media counters together, for status."""
+        return {**self.counters, **(self.media.counters if self.media is not None else {})}
+
     # ------------------------------------------------------------------------------- run life
 
     def start(self, msg: Message) -> None:
@@ -66,9 +70,13 @@ class WandbSink:
 
     def _save_file(self, f: dict[str, str]) -> None:
         path = self.guard.check(f.get("path", ""))
-        if path is None or not path.is_file():
+        if path is None:
+            self._count("file_refused")
+            log.error("run %s: file to save %r is outside the allowed roots; not saved", self.run_id, f.get("path"))
+            return
+        if not path.is_file():
             self._count("file_missing")
-            log.warning("run %s: file to save %r is missing or not allowed", self.run_id, f.get("path"))
+            log.warning("run %s: file to save %s is missing", self.run_id, path)
             return
         self.run.save(str(path), base_path=f.get("base_path") or str(path.parent), policy="now")
 
@@ -133,9 +141,9 @@ class WandbSink:
         if body.get("spooled") and path.parent.name == SPOOL_DIR_NAME:
             path.unlink(missing_ok=True)  # add_file staged a copy; the hardlink has done its job
 
-    def val_data(self, msg: Message) -> None:
+    def val_data(self, msg: Message, publish: bool = True) -> None:
         assert self.media is not None
-        self.media.val_table(msg.body)
+        self.media.val_table(msg.body, publish=publish)
 
     def pred_batch(self, msg: Message) -> None:
         assert self.media is not None

@@ -22,10 +22,11 @@ def free_port() -> int:
 
 class SidecarProcess:
     def __init__(self, root: Path, *args: str, port: int | None = None, env: dict[str, str] | None = None,
-                 allow_roots: list[Path] | None = None) -> None:
+                 allow_roots: list[Path] | None = None, bind_host: str = "127.0.0.1") -> None:
         self.root = root
         self.port = port or free_port()
-        self.addr = f"tcp://127.0.0.1:{self.port}"
+        self.addr = f"tcp://127.0.0.1:{self.port}"  # where clients connect
+        self.bind = f"tcp://{bind_host}:{self.port}"
         self.wandb_dir = root / "wandb_dir"
         self.journal = root / "journal"
         self.log_path = root / f"sidecar-{self.port}.log"
@@ -44,7 +45,7 @@ class SidecarProcess:
 
     def start(self, wait: bool = True) -> "SidecarProcess":
         self.wandb_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "sidecar", "serve", "--bind", self.addr, "--journal-dir", str(self.journal),
+        cmd = [sys.executable, "-m", "sidecar", "serve", "--bind", self.bind, "--journal-dir", str(self.journal),
                *[a for r in self.allow_roots for a in ("--allow-root", str(r))], *self.args]
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
@@ -52,12 +53,12 @@ class SidecarProcess:
             self.wait_ready()
         return self
 
-    def wait_ready(self, timeout: float = 60.0) -> None:
+    def wait_ready(self, timeout: float = 60.0, keys: tuple[str, str] | None = None) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc is not None and self.proc.poll() is None, f"sidecar exited:\n{self.log()}"
             try:
-                fetch_status(self.addr, timeout=0.5)
+                fetch_status(self.addr, 0.5, *(keys or (None, None)))
                 return
             except Unreachable:
                 continue

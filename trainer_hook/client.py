@@ -39,6 +39,8 @@ from protocol import (
     encode_header,
 )
 
+from protocol.curve import apply_client_keys, load_client_keys
+
 from .spool import spool_checkpoint
 
 log = logging.getLogger("trainer_hook")
@@ -98,7 +100,9 @@ class SidecarClient:
     """Streams one wandb run's data to a ``wandb-sidecar``. Never blocks or raises into the caller.
 
     ``init_kwargs`` are ``wandb.init``'s arguments, applied in the sidecar. ``init_kwargs["id"]`` (or
-    ``run_id``) fixes the wandb run id; otherwise a fresh one is made.
+    ``run_id``) fixes the wandb run id; otherwise a fresh one is made. ``curve_server_key`` (the
+    sidecar's public key file) and ``curve_client_key`` (this client's secret key file) turn on CurveZMQ;
+    by default they come from ``WANDB_SIDECAR_SERVER_KEY`` / ``WANDB_SIDECAR_CLIENT_KEY``.
     """
 
     def __init__(
@@ -117,8 +121,8 @@ class SidecarClient:
         heartbeat_interval: float = 2.0,
         spool_checkpoints: bool = True,
         finish_at_exit_timeout: float = 30.0,
-        curve_server_key: bytes | None = None,
-        curve_client_keys: tuple[bytes, bytes] | None = None,
+        curve_server_key: str | None = None,
+        curve_client_key: str | None = None,
     ) -> None:
         init = dict(init_kwargs or {})
         self.addr = addr
@@ -131,7 +135,8 @@ class SidecarClient:
         self.heartbeat_interval = heartbeat_interval
         self.spool_checkpoints = spool_checkpoints
         self.finish_at_exit_timeout = finish_at_exit_timeout
-        self._curve = (curve_server_key, curve_client_keys)
+        # CurveZMQ key files (default: named by the environment); a bad file is a configuration error
+        self._curve = load_client_keys(curve_server_key, curve_client_key)
 
         self._inert = False
         self._finished = False
@@ -277,10 +282,7 @@ class _IOThread(threading.Thread):
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        server_key, client_keys = self.c._curve
-        if server_key is not None and client_keys is not None:
-            sock.curve_serverkey = server_key
-            sock.curve_publickey, sock.curve_secretkey = client_keys
+        apply_client_keys(sock, self.c._curve)
         sock.connect(self.c.addr)
         return sock
 

@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--project", default="test")
     p.add_argument("--by-iter", action="store_true", help="IterBasedRunner instead of epochs")
     p.add_argument("--max-epochs", type=int, default=2)
-    p.add_argument("--max-iters", type=int, default=6)
+    p.add_argument("--max-iters", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 

@@ -1,0 +1,90 @@
+"""Who may talk to the sidecar. Loopback needs nothing; any other address needs CurveZMQ keys (encryption
+and client authentication by public key, pyzmq's ``zmq.auth``) unless the operator says ``--insecure``."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+log = logging.getLogger("sidecar.auth")
+
+
+class InsecureBindRefused(RuntimeError):
+    """A non-loopback bind without keys and without ``--insecure``."""
+
+
+def is_local(addr: str) -> bool:
+    """True for ipc://, inproc:// and tcp:// on a loopback address."""
+    scheme, _, rest = addr.partition("://")
+    if scheme in ("ipc", "inproc"):
+        return True
+    host = rest.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "*", an interface name or a host name: reachable from outside
+
+
+class CurveServer:
+    """Configure a ROUTER socket as a CurveZMQ server that accepts only the authorised client keys."""
+
+    def __init__(self, secret_key_file: str, authorized_keys_dir: str) -> None:
+        public, secret = zmq.auth.load_certificate(secret_key_file)
+        if secret is None:
+            raise ValueError(f"{secret_key_file} holds no secret key (use the server's .key_secret file)")
+        if not Path(authorized_keys_dir).is_dir():
+            raise ValueError(f"authorised keys directory {authorized_keys_dir} does not exist")
+        self.public, self.secret = public, secret
+        self.authorized_keys_dir = authorized_keys_dir
+        self.auth: ThreadAuthenticator | None = None
+
+    def __call__(self, ctx: zmq.Context, sock: Any) -> None:
+        self.auth = ThreadAuthenticator(ctx, log=logging.getLogger("sidecar.auth.zap"))
+        self.auth.start()
+        self.auth.configure_curve(domain="*", location=self.authorized_keys_dir)
+        sock.curve_secretkey = self.secret
+        sock.curve_publickey = self.public
+        sock.curve_server = True
+        n = len(list(Path(self.authorized_keys_dir).glob("*.key")))
+        log.info("CurveZMQ on: %d authorised client key(s) in %s", n, self.authorized_keys_dir)
+
+    def close(self) -> None:
+        """Stop the authenticator thread (its socket would keep the context from terminating)."""
+        if self.auth is not None:
+            self.auth.stop()
+            self.auth = None
+
+
+def socket_security(bind: str, secret_key_file: str | None, authorized_keys_dir: str | None,
+                    insecure: bool) -> CurveServer | None:
+    """Decide how the sidecar's socket is protected; refuse an open non-loopback bind."""
+    if secret_key_file or authorized_keys_dir:
+        if not (secret_key_file and authorized_keys_dir):
+            raise InsecureBindRefused("CurveZMQ needs both --curve-secret-key and --curve-authorized-keys")
+        return CurveServer(secret_key_file, authorized_keys_dir)
+    if is_local(bind):
+        return None
+    if not insecure:
+        raise InsecureBindRefused(
+            f"refusing to bind {bind} without authentication: anyone who reaches it could make this sidecar "
+            "upload files with your wandb key. Give --curve-secret-key and --curve-authorized-keys (make them "
+            "with `wandb-sidecar keys`), or pass --insecure on a network you trust.")
+    log.warning("!!! INSECURE: %s is open to anyone who can reach it, without authentication or encryption "
+                "(--insecure). Any peer can log to your wandb runs and have allowed files uploaded. !!!", bind)
+    return None
+
+
+def make_keys(directory: str, name: str) -> tuple[str, str]:
+    """Write ``name.key`` (public, give it out) and ``name.key_secret`` (keep it) into ``directory``."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    public, secret = zmq.auth.create_certificates(directory, name)
+    Path(secret).chmod(0o600)
+    return public, secret
