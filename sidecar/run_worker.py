@@ -10,6 +10,7 @@ import logging
 import queue
 import threading
 import time
+from pathlib import Path
 from typing import Callable
 
 from protocol import Kind, Message
@@ -32,10 +33,11 @@ class RunWorker(threading.Thread):
         on_finished: Callable[[str, int], None],
         delivered: int = 0,
         retry_max: float = 60.0,
+        state_dir: Path | None = None,
     ) -> None:
         super().__init__(name=f"run-{run_id}", daemon=True)
         self.run_id = run_id
-        self.sink = WandbSink(run_id, file_guard)
+        self.sink = WandbSink(run_id, file_guard, state_dir)
         self.queue: queue.Queue[object] = queue.Queue()
         self.delivered = delivered
         self.on_delivered = on_delivered
@@ -98,7 +100,8 @@ class RunWorker(threading.Thread):
                 self.sink.start(msg)
                 self.state = "running"
             return
-        if msg.seq <= self.delivered:  # replayed after a restart; wandb has it already
+        stepped_metrics = kind is Kind.METRICS and msg.body.get("step") is not None
+        if msg.seq <= self.delivered and not stepped_metrics:  # replayed after a restart; wandb has it
             if kind is Kind.VAL_DATA and self.sink.run is not None:
                 self.sink.val_data(msg, publish=False)  # prediction tables still need it in memory
             return

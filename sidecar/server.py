@@ -151,8 +151,8 @@ class SidecarServer:
                 st.last_seq = max(st.last_seq, msg.seq)
                 if msg.kind is Kind.RUN_START:
                     st.start, st.start_frames = msg, frames
-                elif msg.seq > st.delivered or msg.kind is Kind.VAL_DATA:
-                    replay.append(msg)
+                elif msg.seq > st.delivered or msg.kind in (Kind.VAL_DATA, Kind.METRICS):
+                    replay.append(msg)  # metrics: the sink checks wandb's files; val data: rebuilt
             worker = self._worker(st)
             for msg in replay:
                 worker.submit(msg)
@@ -312,7 +312,8 @@ class SidecarServer:
         st.worker.submit(msg)
 
     def _worker(self, st: RunState) -> RunWorker:
-        worker = RunWorker(st.run_id, self.guard, self._on_delivered, self._on_finished, delivered=st.delivered)
+        worker = RunWorker(st.run_id, self.guard, self._on_delivered, self._on_finished, delivered=st.delivered,
+                           state_dir=self.journal.root)
         st.worker = worker
         if st.start is not None:
             worker.submit(st.start)

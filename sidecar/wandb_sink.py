@@ -18,6 +18,7 @@ from protocol import Message
 from protocol.limits import SPOOL_DIR_NAME
 
 from .media import MediaBuilder
+from .wandb_files import persisted_max_step, wandb_root
 
 log = logging.getLogger("sidecar.wandb")
 
@@ -27,9 +28,11 @@ class SinkError(RuntimeError):
 
 
 class WandbSink:
-    def __init__(self, run_id: str, file_guard: "FileGuard") -> None:
+    def __init__(self, run_id: str, file_guard: "FileGuard", state_dir: Path | None = None) -> None:
         self.run_id = run_id
         self.guard = file_guard
+        self.state_dir = state_dir
+        self.min_step = -1  # metrics at or below this step are already in wandb's files (resume)
         self.run: Any = None
         self.pending_step: int | None = None
         self.pending_row: dict[str, Any] = {}
@@ -62,11 +65,24 @@ class WandbSink:
             self.run = wandb.init(settings=settings, **init)
         except Exception as exc:
             raise SinkError(f"wandb.init failed: {type(exc).__name__}: {exc}") from exc
+        self._find_persisted_steps(init.get("dir"))
         for metric in body.get("define_metrics", []):
             self.run.define_metric(**metric)
         for f in body.get("files", []):
             self._save_file(f)
         self.media = MediaBuilder(self.run, self.guard)
+
+    def _find_persisted_steps(self, init_dir: str | None) -> None:
+        """Offline, a resumed run starts from step 0 in a new directory: learn from wandb's files of the
+        earlier directories which steps are already there, so a replay after a crash repeats none.
+        Online, wandb itself drops steps below the resumed run's current step."""
+        if not self.run.offline or self.state_dir is None:
+            return
+        live = Path(self.run.dir).parent.name
+        self.min_step = persisted_max_step(wandb_root(init_dir), self.run_id,
+                                           self.state_dir / f"{self.run_id}.wandb-steps.json", exclude=live)
+        if self.min_step >= 0:
+            log.info("run %s: resumed; wandb's files already hold steps up to %d", self.run_id, self.min_step)
 
     def _save_file(self, f: dict[str, str]) -> None:
         path = self.guard.check(f.get("path", ""))
@@ -91,6 +107,9 @@ class WandbSink:
     def metrics(self, msg: Message) -> None:
         body = msg.body
         step, data = body.get("step"), body["data"]
+        if step is not None and step <= self.min_step:
+            self._count("replayed_skipped")
+            return
         if step is None or body.get("commit") is False:
             self.flush_metrics()
             self.run.log(data, step=step, commit=body.get("commit", True))

@@ -31,7 +31,9 @@ def coco_paths(root: Path) -> dict[str, Any]:
     }
 
 
-def _shape_polygon(kind: int, cx: float, cy: float, r: float, rng: np.random.Generator) -> np.ndarray:
+def _shape_polygon(
+    kind: int, cx: float, cy: float, r: float, rng: np.random.Generator
+) -> np.ndarray:
     """Vertices (n, 2) of a shape of class index ``kind`` centred at (cx, cy) with radius ``r``."""
     if kind == 0:  # axis-aligned square
         return np.array([[cx - r, cy - r], [cx + r, cy - r], [cx + r, cy + r], [cx - r, cy + r]])

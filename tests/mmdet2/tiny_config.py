@@ -31,10 +31,11 @@ def _rescale_pipeline(pipeline: list[dict[str, Any]]) -> None:
             _rescale_pipeline(step["transforms"])
 
 
-def _shrink_model(model: Config, num_classes: int) -> None:
+def _shrink_model(model: Config, num_classes: int, base_channels: int) -> None:
     """ResNet-18 from scratch, 32-channel FPN and heads, ``num_classes`` outputs."""
-    model.backbone.update(depth=18, init_cfg=None, frozen_stages=-1, norm_eval=False)
-    model.neck.update(in_channels=[64, 128, 256, 512], out_channels=CHANNELS)
+    model.backbone.update(depth=18, base_channels=base_channels, init_cfg=None,
+                          frozen_stages=-1, norm_eval=False)
+    model.neck.update(in_channels=[base_channels * 2**i for i in range(4)], out_channels=CHANNELS)
     model.rpn_head.update(in_channels=CHANNELS, feat_channels=CHANNELS)
     roi = model.roi_head
     roi.bbox_roi_extractor.out_channels = CHANNELS
@@ -56,6 +57,7 @@ def tiny_mask_rcnn_cfg(
     max_iters: int | None = None,
     interval: int | None = None,
     repeat: int = 4,
+    base_channels: int = 64,
     hooks: Sequence[dict[str, Any]] | None = None,
     log_interval: int = 1,
     seed: int = 0,
@@ -67,11 +69,12 @@ def tiny_mask_rcnn_cfg(
     checkpoints happen every ``interval`` epochs, or iterations when ``by_epoch=False``
     (default: 1 epoch, or ``max_iters // 2`` iterations; ``max_iters`` defaults to 24).
     The train set is wrapped in a ``RepeatDataset`` (``repeat`` times per epoch) so that
-    after 2 epochs every val image has detections above the hooks' ``bbox_score_thr=0.3``.
+    after 2 epochs val images have detections above the hooks' ``bbox_score_thr=0.3``.
+    ``base_channels=16`` (a quarter-width ResNet-18) shrinks checkpoints from ~91 MB to ~7 MB.
     """
     cfg = Config.fromfile(str(shipped_config_path()))
     classes = tuple(data["classes"])
-    _shrink_model(cfg.model, len(classes))
+    _shrink_model(cfg.model, len(classes), base_channels)
 
     splits = {
         "train": (data["train_ann_file"], data["train_img_prefix"]),
@@ -88,14 +91,15 @@ def tiny_mask_rcnn_cfg(
 
     cfg.optimizer.lr = 0.02
     cfg.optimizer_config = dict(grad_clip=dict(max_norm=10.0, norm_type=2))
-    cfg.lr_config = dict(policy="step", warmup="linear", warmup_iters=2, warmup_ratio=0.1, step=[1000])
+    cfg.lr_config = dict(
+        policy="step", warmup="linear", warmup_iters=2, warmup_ratio=0.1, step=[1000]
+    )
     if by_epoch:
         cfg.runner = dict(type="EpochBasedRunner", max_epochs=max_epochs)
         interval = interval or 1
     else:
         max_iters = max_iters or 24
         cfg.runner = dict(type="IterBasedRunner", max_iters=max_iters)
-        cfg.workflow = [("train", 1)]
         interval = interval or max(1, max_iters // 2)
     # mmdet's train_detector derives the eval hook's by_epoch from the runner type, and
     # IterBasedRunner defaults the checkpoint and logger hooks to by_epoch=False.

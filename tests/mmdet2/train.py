@@ -61,8 +61,9 @@ def logger_hooks(
 
 
 def train(cfg: Config) -> TrainResult:
-    """Build model and dataset from ``cfg`` and run ``train_detector`` (validate=True, one process)."""
+    """Build model and datasets from ``cfg``; ``train_detector`` with validation, one process."""
     import mmcv
+    import mmdet
     from mmcv.utils import import_modules_from_strings
     from mmdet.apis import set_random_seed, train_detector
     from mmdet.datasets import build_dataset
@@ -83,16 +84,20 @@ def train(cfg: Config) -> TrainResult:
     model = build_detector(cfg.model, train_cfg=cfg.get("train_cfg"), test_cfg=cfg.get("test_cfg"))
     model.init_weights()
     datasets = [build_dataset(cfg.data.train)]
-    cfg.checkpoint_config.meta = dict(CLASSES=datasets[0].CLASSES)
+    cfg.checkpoint_config.meta = dict(mmdet_version=mmdet.__version__, CLASSES=datasets[0].CLASSES)
     model.CLASSES = datasets[0].CLASSES
-    train_detector(model, datasets, cfg, distributed=False, validate=True, timestamp=timestamp, meta=meta)
+    train_detector(
+        model, datasets, cfg, distributed=False, validate=True, timestamp=timestamp, meta=meta
+    )
     seconds = time.perf_counter() - start
 
     log_json = work_dir / f"{timestamp}.log.json"
     return TrainResult(
         work_dir=work_dir,
         seconds=seconds,
-        checkpoints=sorted(p for p in work_dir.glob("*.pth") if not p.is_symlink()),
+        checkpoints=sorted(
+            (p for p in work_dir.glob("*.pth") if not p.is_symlink()), key=lambda p: p.stat().st_mtime
+        ),
         log_json=log_json if log_json.exists() else None,
     )
 
@@ -111,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--by-iter", action="store_true", help="IterBasedRunner instead of epochs")
     p.add_argument("--max-epochs", type=int, default=2)
     p.add_argument("--max-iters", type=int, default=None)
+    p.add_argument("--base-channels", type=int, default=64, help="ResNet-18 width; 16: ~7 MB ckpts")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
@@ -123,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         by_epoch=not args.by_iter,
         max_epochs=args.max_epochs,
         max_iters=args.max_iters,
+        base_channels=args.base_channels,
         hooks=logger_hooks(args.logger, sidecar_addr=args.sidecar_addr, project=args.project),
         seed=args.seed,
     )
