@@ -313,9 +313,35 @@ def _check_pred_batch(body: dict[str, Any]) -> None:
         raise InvalidField("masks must have one entry per image")
 
 
+def _check_image(body: dict[str, Any]) -> None:
+    name, image = body["name"], body["image"]
+    if not 0 < len(name) <= MAX_KEY_LEN:
+        raise InvalidField(f"image name must be a string of 1..{MAX_KEY_LEN}")
+    if image.dtype != np.uint8 or not (
+        image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3, 4))
+    ) or 0 in image.shape:
+        raise InvalidField("image must be a non-empty uint8 array of shape (H, W) or (H, W, 1|3|4)")
+    step = body.get("step")
+    if step is not None and step < 0:
+        raise InvalidField("step must be >= 0")
+
+
+def _check_run_start(body: dict[str, Any]) -> None:
+    code = body.get("code")
+    if code is None:
+        return
+    if not isinstance(code.get("root"), str) or not code["root"]:
+        raise InvalidField("code.root must be a non-empty path")
+    for key in code:
+        if key not in ("root", "name", "program") or not isinstance(code[key], (str, type(None))):
+            raise InvalidField(f"code.{str(key)[:64]}: unexpected field or not a string")
+
+
 _VALIDATORS = {
+    Kind.RUN_START: _check_run_start,
     Kind.METRICS: _check_metrics,
     Kind.CHECKPOINT: _check_checkpoint,
     Kind.VAL_DATA: _check_val_data,
     Kind.PRED_BATCH: _check_pred_batch,
+    Kind.IMAGE: _check_image,
 }

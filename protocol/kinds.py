@@ -18,6 +18,8 @@ class Kind(StrEnum):
     CHECKPOINT = "checkpoint"
     VAL_DATA = "val_data"
     PRED_BATCH = "pred_batch"
+    IMAGE = "image"
+    CONFIG = "config"
     RUN_FINISH = "run_finish"
     # trainer -> sidecar, unsequenced
     HEARTBEAT = "heartbeat"
@@ -30,10 +32,11 @@ class Kind(StrEnum):
 
 #: Kinds that carry a sequence number and are journaled.
 SEQUENCED = frozenset(
-    {Kind.RUN_START, Kind.METRICS, Kind.CHECKPOINT, Kind.VAL_DATA, Kind.PRED_BATCH, Kind.RUN_FINISH}
+    {Kind.RUN_START, Kind.METRICS, Kind.CHECKPOINT, Kind.VAL_DATA, Kind.PRED_BATCH, Kind.IMAGE, Kind.CONFIG,
+     Kind.RUN_FINISH}
 )
 #: Kinds the client must never drop, whatever its queues look like.
-NEVER_DROPPED = frozenset({Kind.RUN_START, Kind.CHECKPOINT, Kind.VAL_DATA, Kind.RUN_FINISH})
+NEVER_DROPPED = frozenset({Kind.RUN_START, Kind.CHECKPOINT, Kind.VAL_DATA, Kind.CONFIG, Kind.RUN_FINISH})
 
 _int = (int,)
 _str = (str,)
@@ -50,6 +53,7 @@ SCHEMAS: dict[Kind, dict[str, tuple[tuple[type, ...], bool]]] = {
         "config": (_dict, False),
         "define_metrics": (_list, False),
         "files": (_list, False),  # [{"path": str, "base_path": str}] for wandb.save
+        "code": (_dict, False),  # {"root": str, "name": str | None, "program": str | None} for run.log_code
         "client": (_dict, False),
     },
     Kind.METRICS: {
@@ -86,6 +90,13 @@ SCHEMAS: dict[Kind, dict[str, tuple[tuple[type, ...], bool]]] = {
         "score_thr": ((float, int), False),
         "aliases": (_list, False),
     },
+    Kind.IMAGE: {
+        "name": (_str, True),  # the history key
+        "image": (_arr, True),  # uint8 (H, W) or (H, W, 1|3|4), RGB(A)
+        "step": (_opt_int, False),
+        "commit": (_bool, False),
+    },
+    Kind.CONFIG: {"config": (_dict, True)},  # a config update after the run start (run.config.update)
     Kind.RUN_FINISH: {"exit_code": (_int, True)},
     Kind.HEARTBEAT: {},
     Kind.STATUS: {},

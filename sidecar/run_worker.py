@@ -100,13 +100,14 @@ class RunWorker(threading.Thread):
                 self.sink.start(msg)
                 self.state = "running"
             return
-        stepped_metrics = kind is Kind.METRICS and msg.body.get("step") is not None
-        if msg.seq <= self.delivered and not stepped_metrics:  # replayed after a restart; wandb has it
-            if kind is Kind.VAL_DATA and self.sink.run is not None:
-                self.sink.val_data(msg, publish=False)  # prediction tables still need it in memory
-            return
         if self.sink.run is None:
             raise RuntimeError("message before run start")
+        if kind is not Kind.RUN_FINISH and self._already_in_wandb(msg):
+            if kind is Kind.VAL_DATA:
+                self.sink.val_data(msg, publish=False)  # prediction tables still need it in memory
+            self.sink._count("replay_skipped")
+            self.delivered = max(self.delivered, msg.seq)
+            return
         if kind is Kind.METRICS:
             self.sink.metrics(msg)
         elif kind is Kind.CHECKPOINT:
@@ -115,11 +116,20 @@ class RunWorker(threading.Thread):
             self.sink.val_data(msg)
         elif kind is Kind.PRED_BATCH:
             self.sink.pred_batch(msg)
+        elif kind is Kind.IMAGE:
+            self.sink.image(msg)
+        elif kind is Kind.CONFIG:
+            self.sink.config(msg)
         elif kind is Kind.RUN_FINISH:
             self.delivered = msg.seq
             self._finish(msg.body["exit_code"])
             return
         self.delivered = msg.seq
+
+    def _already_in_wandb(self, msg: Message) -> bool:
+        """After a restart: wandb's own files decide where they can, the delivered mark elsewhere."""
+        known = self.sink.already_logged(msg)
+        return msg.seq <= self.delivered if known is None else known
 
     def _mark_delivered(self) -> None:
         held = self.sink.undelivered_from()

@@ -151,8 +151,8 @@ class SidecarServer:
                 st.last_seq = max(st.last_seq, msg.seq)
                 if msg.kind is Kind.RUN_START:
                     st.start, st.start_frames = msg, frames
-                elif msg.seq > st.delivered or msg.kind in (Kind.VAL_DATA, Kind.METRICS):
-                    replay.append(msg)  # metrics: the sink checks wandb's files; val data: rebuilt
+                else:
+                    replay.append(msg)  # the worker skips what wandb's files (or the mark) already hold
             worker = self._worker(st)
             for msg in replay:
                 worker.submit(msg)

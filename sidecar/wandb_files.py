@@ -1,9 +1,10 @@
 """What an offline wandb run already holds, read from wandb's own files with wandb's reader.
 
-After a crash the sidecar cannot trust its own "delivered" mark for metrics: wandb may have written rows
-the mark does not cover yet (duplicates on replay), or not yet written rows it does cover (loss). The
-run's ``.wandb`` transaction logs are the truth; resumed offline runs get a new directory each time, and
-each finished scan is cached in the journal directory so a directory is read once.
+After a crash the sidecar cannot trust its own "delivered" mark: wandb writes asynchronously, so its
+files may hold rows the mark does not cover yet (duplicates on replay) or miss rows the mark covers
+(loss; seen here: a SIGKILL lost the last ~25 rows the SDK had accepted). The run's ``.wandb``
+transaction logs are the truth. Resumed offline runs get a new directory each time; each scan of a
+directory no process writes any more is cached in the journal directory, so it is read once.
 """
 
 from __future__ import annotations
@@ -13,9 +14,25 @@ import logging
 import os
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger("sidecar.wandb_files")
+
+
+@dataclass
+class Persisted:
+    """Highest history step (-1: none) and the artifacts (name, aliases) already in wandb's files."""
+
+    max_step: int = -1
+    artifacts: list[tuple[str, list[str]]] = field(default_factory=list)
+
+    def has_artifact(self, name: str, aliases: list[str]) -> bool | None:
+        """True/False when the aliases identify a version (beyond 'latest'); None when they cannot."""
+        key = set(aliases) - {"latest"}
+        if not key:
+            return None
+        return any(n == name and key <= set(a) for n, a in self.artifacts)
 
 
 def wandb_root(init_dir: str | None) -> Path:
@@ -29,38 +46,40 @@ def _wandb_cli() -> str:
     return str(exe) if exe.exists() else "wandb"
 
 
-def _max_step(run_file: Path) -> int:
+def _scan(run_file: Path) -> dict:
     out = subprocess.run([_wandb_cli(), "leet", "inspect", "--json", str(run_file)], capture_output=True,
                          text=True, timeout=600)
-    best = -1
+    max_step, artifacts = -1, []
     for line in out.stdout.splitlines():
         if '"type":"history"' in line:
-            best = max(best, int(json.loads(line)["history"]["step"].get("num", 0)))
-    return best
+            max_step = max(max_step, int(json.loads(line)["history"]["step"].get("num", 0)))
+        elif '"type":"artifact"' in line:
+            art = json.loads(line)["artifact"]
+            artifacts.append([art["name"], list(art.get("aliases", []))])
+    return {"max_step": max_step, "artifacts": artifacts}
 
 
-def persisted_max_step(root: Path, run_id: str, cache_file: Path, exclude: str = "") -> int:
-    """Highest history step in the offline run directories of ``run_id`` but ``exclude`` (-1 when none).
-
-    Call it for directories no process writes any more (``exclude`` the live one): their scans are cached."""
+def persisted(root: Path, run_id: str, cache_file: Path, exclude: str = "") -> Persisted:
+    """What the offline run directories of ``run_id`` hold, all but ``exclude`` (the live one)."""
     try:
-        cache: dict[str, int] = json.loads(cache_file.read_text())
+        cache: dict[str, dict] = json.loads(cache_file.read_text())
     except (OSError, ValueError):
         cache = {}
-    best = -1
+    out = Persisted()
     for run_file in sorted(root.glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")):
         key = run_file.parent.name
         if key == exclude:
             continue
         if key not in cache:
             try:
-                cache[key] = _max_step(run_file)
+                cache[key] = _scan(run_file)
             except (OSError, subprocess.SubprocessError, ValueError, KeyError) as exc:
-                log.warning("run %s: cannot read %s (%s); replayed metrics may repeat", run_id, run_file, exc)
+                log.warning("run %s: cannot read %s (%s); replayed data may repeat", run_id, run_file, exc)
                 continue
-        best = max(best, cache[key])
+        out.max_step = max(out.max_step, cache[key]["max_step"])
+        out.artifacts += [(n, a) for n, a in cache[key]["artifacts"]]
     try:
         cache_file.write_text(json.dumps(cache))
     except OSError:
         pass
-    return best
+    return out

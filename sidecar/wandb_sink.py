@@ -14,11 +14,11 @@ from typing import Any
 
 import wandb
 
-from protocol import Message
+from protocol import Kind, Message
 from protocol.limits import SPOOL_DIR_NAME
 
 from .media import MediaBuilder
-from .wandb_files import persisted_max_step, wandb_root
+from .wandb_files import Persisted, persisted, wandb_root
 
 log = logging.getLogger("sidecar.wandb")
 
@@ -32,7 +32,7 @@ class WandbSink:
         self.run_id = run_id
         self.guard = file_guard
         self.state_dir = state_dir
-        self.min_step = -1  # metrics at or below this step are already in wandb's files (resume)
+        self.persisted = Persisted()  # what wandb's files of earlier run directories hold (resume)
         self.run: Any = None
         self.pending_step: int | None = None
         self.pending_row: dict[str, Any] = {}
@@ -70,6 +70,8 @@ class WandbSink:
             self.run.define_metric(**metric)
         for f in body.get("files", []):
             self._save_file(f)
+        if body.get("code"):
+            self._log_code(body["code"])
         self.media = MediaBuilder(self.run, self.guard)
 
     def _find_persisted_steps(self, init_dir: str | None) -> None:
@@ -79,10 +81,26 @@ class WandbSink:
         if not self.run.offline or self.state_dir is None:
             return
         live = Path(self.run.dir).parent.name
-        self.min_step = persisted_max_step(wandb_root(init_dir), self.run_id,
-                                           self.state_dir / f"{self.run_id}.wandb-steps.json", exclude=live)
-        if self.min_step >= 0:
-            log.info("run %s: resumed; wandb's files already hold steps up to %d", self.run_id, self.min_step)
+        self.persisted = persisted(wandb_root(init_dir), self.run_id,
+                                   self.state_dir / f"{self.run_id}.wandb-files.json", exclude=live)
+        if self.persisted.max_step >= 0 or self.persisted.artifacts:
+            log.info("run %s: resumed; wandb's files already hold steps up to %d and %d artifact(s)",
+                     self.run_id, self.persisted.max_step, len(self.persisted.artifacts))
+
+    def already_logged(self, msg: Message) -> bool | None:
+        """Is this message's data in wandb's files already? None when that cannot be told from them."""
+        body = msg.body
+        if msg.kind in (Kind.METRICS, Kind.IMAGE):
+            return None if body.get("step") is None else body["step"] <= self.persisted.max_step
+        if msg.kind is Kind.CHECKPOINT:
+            name = body.get("artifact_name") or f"run_{self.run_id}_model"
+            return self.persisted.has_artifact(name, list(body.get("aliases") or ["latest"]))
+        if msg.kind is Kind.PRED_BATCH:
+            return self.persisted.has_artifact(f"run_{self.run_id}_pred", list(body.get("aliases") or [body["tag"]]))
+        if msg.kind is Kind.VAL_DATA:
+            name = body.get("artifact_name") or "val"
+            return any(n == name for n, _ in self.persisted.artifacts)
+        return None
 
     def _save_file(self, f: dict[str, str]) -> None:
         path = self.guard.check(f.get("path", ""))
@@ -96,6 +114,33 @@ class WandbSink:
             return
         self.run.save(str(path), base_path=f.get("base_path") or str(path.parent), policy="now")
 
+    def _log_code(self, code: dict[str, Any]) -> None:
+        """``run.log_code`` of the trainer's source tree, as mmengine's ``WandbVisBackend.add_config`` does.
+
+        Only files under the allowed roots are read (the root and every file, symlinks resolved). The
+        default artifact name is wandb's own, from the trainer's program rather than the sidecar's."""
+        root = self.guard.check(code.get("root") or "")
+        if root is None or not root.is_dir():
+            self._count("code_refused" if root is None else "code_missing")
+            log.error("run %s: code root %r is outside the allowed roots or not a directory; code not logged",
+                      self.run_id, code.get("root"))
+            return
+        name = code.get("name") or wandb.util.make_artifact_name_safe(
+            f"source-{self.run.project}-{code.get('program') or 'main'}")
+        if any(n == name for n, _ in self.persisted.artifacts):
+            return  # resumed: already logged by the first run directory
+        from wandb.sdk.lib.filenames import exclude_wandb_fn
+        from wandb.sdk.wandb_run import _is_py_requirements_or_dockerfile
+
+        def include(path: str, root: str) -> bool:
+            return _is_py_requirements_or_dockerfile(path, root) and self.guard.check(path) is not None
+
+        self.run.log_code(str(root), name=name, include_fn=include, exclude_fn=exclude_wandb_fn)
+
+    def config(self, msg: Message) -> None:
+        """A config update after the run start (mmengine's ``add_config`` after the first log)."""
+        self.run.config.update(msg.body["config"], allow_val_change=True)
+
     def finish(self, exit_code: int) -> None:
         self.flush_metrics()
         if self.run is not None:
@@ -106,19 +151,28 @@ class WandbSink:
 
     def metrics(self, msg: Message) -> None:
         body = msg.body
-        step, data = body.get("step"), body["data"]
-        if step is not None and step <= self.min_step:
-            self._count("replayed_skipped")
-            return
-        if step is None or body.get("commit") is False:
+        self._log_row(body["data"], body.get("step"), body.get("commit", True), msg.seq)
+
+    def image(self, msg: Message) -> None:
+        """An image joins its step's row like metrics (``wandb.Image`` encodes it when the row is logged)."""
+        body = msg.body
+        image = body["image"]
+        if image.ndim == 3 and image.shape[2] == 1:
+            image = image[:, :, 0]
+        self._log_row({body["name"]: wandb.Image(image)}, body.get("step"), body.get("commit", True), msg.seq)
+        self._count("images")
+
+    def _log_row(self, data: dict[str, Any], step: int | None, commit: bool, seq: int) -> None:
+        """Coalesce everything of one step into one ``run.log`` (see the module docstring)."""
+        if step is None or commit is False:
             self.flush_metrics()
-            self.run.log(data, step=step, commit=body.get("commit", True))
+            self.run.log(data, step=step, commit=commit)
             self._count("log_calls")
             return
         if self.pending_step is None or step > self.pending_step:
             self.flush_metrics()
             self.pending_step = step
-            self.pending_first_seq = msg.seq
+            self.pending_first_seq = seq
             self.pending_row = dict(data)
         elif step == self.pending_step:
             self.pending_row.update(data)

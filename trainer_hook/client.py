@@ -5,8 +5,10 @@ Memory is bounded in three places, each with a named policy (all counted in :met
 
 - ``pending`` (caller → I/O thread hand-off, ``max_pending`` items): when full, new metrics are
   refused (``dropped_queue_full``). Kinds in ``NEVER_DROPPED`` are always accepted.
-- ``backlog`` (packed, not yet sent, ``max_backlog_bytes``): when full — the sidecar is down or slow —
-  the oldest droppable message (metrics, prediction batches) is dropped (``dropped_backlog_full``).
+- ``backlog`` (packed, not yet sent: the sidecar is down or slow): ``max_backlog_bytes`` in memory, then
+  a spill file of up to ``max_spill_bytes`` in ``spill_dir`` (``spilled``); when both are full the
+  oldest droppable message (metrics, prediction batches) is dropped (``dropped_backlog_full``). See
+  :mod:`trainer_hook.outbox`. ``spill_dir=None`` keeps everything in memory.
 - ``window`` (sent, awaiting acknowledgement, ``max_inflight`` messages): nothing is dropped here; it
   is resent after ``ack_timeout`` without progress (go-back-N), and the sidecar drops duplicates by
   sequence number, so each message lands in the wandb run exactly once.
@@ -24,7 +26,7 @@ import sys
 import threading
 import time
 import weakref
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import zmq
@@ -41,6 +43,7 @@ from protocol import (
 
 from protocol.curve import apply_client_keys, load_client_keys
 
+from .outbox import Outbox, Packed
 from .spool import spool_checkpoint
 
 log = logging.getLogger("trainer_hook")
@@ -49,27 +52,26 @@ _ID_ALPHABET = string.ascii_lowercase + string.digits
 _FLUSH = "flush"  # pseudo-kind of a flush marker in ``pending``
 
 
+_DEFAULT_SPILL: Any = object()
+
+
+def _default_spill_dir() -> str:
+    return os.environ.get("WANDB_SIDECAR_SPILL_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "wandb-sidecar", "spill")
+
+
 def generate_run_id(length: int = 8) -> str:
     """A wandb-style run id (lowercase letters and digits)."""
     return "".join(secrets.choice(_ID_ALPHABET) for _ in range(length))
 
 
-@dataclass(slots=True)
-class _Packed:
-    kind: Kind
-    frames: list[bytes]  # body frames; the header is added once a sequence number is assigned
-    time: float
-    nbytes: int
-    seq: int = 0
-
-
 class _Marker:
-    """A flush point: done once everything sequenced before it is acknowledged."""
+    """A flush point: done once everything queued before it is acknowledged (or dropped by policy)."""
 
-    __slots__ = ("seq", "event")
+    __slots__ = ("lid", "event")
 
     def __init__(self) -> None:
-        self.seq = -1
+        self.lid = -1
         self.event = threading.Event()
 
 
@@ -116,6 +118,8 @@ class SidecarClient:
         files: Sequence[Mapping[str, str]] | None = None,
         max_pending: int = 100_000,
         max_backlog_bytes: int = 64 * 1024 * 1024,
+        spill_dir: str | os.PathLike[str] | None = _DEFAULT_SPILL,
+        max_spill_bytes: int = 1024 * 1024 * 1024,
         max_inflight: int = 8192,
         ack_timeout: float = 2.0,
         heartbeat_interval: float = 2.0,
@@ -130,6 +134,8 @@ class SidecarClient:
         init["id"] = self.run_id
         self.max_pending = max_pending
         self.max_backlog_bytes = max_backlog_bytes
+        self.spill_dir = _default_spill_dir() if spill_dir is _DEFAULT_SPILL else spill_dir
+        self.max_spill_bytes = max_spill_bytes
         self.max_inflight = max_inflight
         self.ack_timeout = ack_timeout
         self.heartbeat_interval = heartbeat_interval
@@ -244,8 +250,9 @@ class SidecarClient:
         """Counters: sent, acked, resent, dropped_* by reason, rejected_* by the sidecar's reason..."""
         out = dict(self._counters)
         out["pending"] = len(self._pending)
-        out["backlog"] = len(self._io.backlog)
-        out["backlog_bytes"] = self._io.backlog_bytes
+        out["backlog"] = len(self._io.outbox)
+        out["backlog_bytes"] = self._io.outbox.memory_bytes
+        out["spill_bytes"] = self._io.outbox.spill_bytes
         out["unacked"] = len(self._io.window)
         out["acked_seq"] = self._acked
         return out
@@ -262,12 +269,14 @@ class _IOThread(threading.Thread):
     def __init__(self, client: SidecarClient) -> None:
         super().__init__(name=f"wandb-sidecar-client-{client.run_id}", daemon=True)
         self.c = client
-        self.backlog: collections.deque[_Packed | _Marker] = collections.deque()
-        self.backlog_bytes = 0
-        self.window: collections.deque[_Packed] = collections.deque()
-        self.window_bytes = 0
+        spill = None
+        if client.spill_dir is not None:
+            spill = Path(client.spill_dir) / f"{client.run_id}-{os.getpid()}.spill"
+        self.outbox = Outbox(client.max_backlog_bytes, spill, client.max_spill_bytes, client._counters)
+        self.window: collections.deque[Packed] = collections.deque()
         self.next_send = 0  # index in window of the first message not yet sent (since the last go-back)
         self.seq = 0
+        self.lid = 0
         self.markers: list[_Marker] = []
         self.last_progress = time.monotonic()
         self.last_heartbeat = 0.0
@@ -302,9 +311,10 @@ class _IOThread(threading.Thread):
             log.exception("wandb sidecar client I/O thread failed; logging to the sidecar stops")
             self.c._counters["io_thread_failed"] += 1
         finally:
-            undelivered = len(self.window) + sum(isinstance(p, _Packed) for p in self.backlog)
+            undelivered = len(self.window) + len(self.outbox)
             if undelivered:
                 self.c._counters["undelivered"] += undelivered
+            self.outbox.close()
             sock.close(linger=0)
             self.ctx.term()
 
@@ -315,7 +325,8 @@ class _IOThread(threading.Thread):
         while pending:
             kind, body, t = pending.popleft()
             if kind is _FLUSH:
-                self.backlog.append(body)
+                body.lid = self.lid
+                self.markers.append(body)
                 continue
             try:
                 if kind is Kind.CHECKPOINT:
@@ -325,40 +336,25 @@ class _IOThread(threading.Thread):
                 self.c._counters["dropped_unencodable"] += 1
                 self.c._warn_once(f"pack:{kind}", "wandb sidecar: cannot encode a %s message (%s); dropped", kind, exc)
                 continue
-            packed = _Packed(kind, frames, t, sum(len(f) for f in frames))
-            self.backlog.append(packed)
-            self.backlog_bytes += packed.nbytes
-            if self.backlog_bytes > self.c.max_backlog_bytes:
-                self._drop_oldest()
+            self.lid += 1
+            self.outbox.put(Packed(kind, frames, t, sum(len(f) for f in frames), self.lid))
 
     def _spool(self, body: dict[str, Any]) -> dict[str, Any]:
         if not self.c.spool_checkpoints:
             return body
         try:
-            spooled = spool_checkpoint(body["path"], self.c.run_id, self.seq + len(self.backlog) + 1)
+            spooled = spool_checkpoint(body["path"], self.c.run_id, self.lid + 1)
         except OSError as exc:
             self.c._counters["checkpoint_spool_failed"] += 1
             self.c._warn_once("spool", "wandb sidecar: cannot spool checkpoint %s (%s)", body["path"], exc)
             return body
         return {**body, "path": spooled, "source_path": body["path"], "spooled": True}
 
-    def _drop_oldest(self) -> None:
-        for i, item in enumerate(self.backlog):
-            if isinstance(item, _Packed) and item.kind not in NEVER_DROPPED:
-                del self.backlog[i]
-                self.backlog_bytes -= item.nbytes
-                self.c._counters["dropped_backlog_full"] += 1
-                self.c._warn_once("backlog", "wandb sidecar unreachable or slow: dropping oldest metrics")
-                return
-
     def _fill_window(self) -> None:
-        while self.backlog and len(self.window) < self.c.max_inflight:
-            item = self.backlog.popleft()
-            if isinstance(item, _Marker):
-                item.seq = self.seq
-                self.markers.append(item)
-                continue
-            self.backlog_bytes -= item.nbytes
+        while len(self.window) < self.c.max_inflight:
+            item = self.outbox.pop()
+            if item is None:
+                return
             self.seq += 1
             item.seq = self.seq
             item.frames.insert(0, encode_header(item.kind, self.c.run_id, item.seq, item.time))
@@ -426,11 +422,14 @@ class _IOThread(threading.Thread):
         self.last_progress = time.monotonic()
 
     def _resolve_markers(self) -> None:
-        if self.markers:
-            still = []
-            for marker in self.markers:
-                if marker.seq <= self.c._acked:
-                    marker.event.set()
-                else:
-                    still.append(marker)
-            self.markers = still
+        """A flush marker is done once nothing queued before it is outstanding (acked, or dropped)."""
+        if not self.markers:
+            return
+        oldest = self.window[0].lid if self.window else self.outbox.oldest_lid()
+        still = []
+        for marker in self.markers:
+            if oldest is None or oldest > marker.lid:
+                marker.event.set()
+            else:
+                still.append(marker)
+        self.markers = still
