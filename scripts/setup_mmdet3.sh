@@ -7,8 +7,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV3=${VENV3:-.venv3}
-# The compiled mmcv wheel is kept here so a second setup (or a fresh venv) skips the ~9 min compile.
-WHEELS=${MMCV_WHEEL_DIR:-$HOME/.cache/wandb-sidecar-wheels}
+TORCH=2.13.0
+TORCHVISION=0.28.0
+# The compiled mmcv wheel is kept here, per torch version (its ops link against torch), so a second setup
+# (or a fresh venv) skips the ~10 min compile.
+WHEELS=${MMCV_WHEEL_DIR:-$HOME/.cache/wandb-sidecar-wheels}/torch-$TORCH
 stamp="$VENV3/.setup-$(cat scripts/setup_mmdet3.sh pyproject.toml | sha256sum | cut -c1-16)"
 [ -f "$stamp" ] && exit 0
 
@@ -17,7 +20,7 @@ PIP="$VENV3/bin/pip"
 $PIP install -q --upgrade pip
 # torch + torchvision from the registry (--isolated skips this machine's find-links, whose CPU-only
 # torch file cannot load PyPI's torchvision ops).
-$PIP install -q --isolated torch==2.13.0 torchvision==0.28.0
+$PIP install -q --isolated "torch==$TORCH" "torchvision==$TORCHVISION"
 # Build tools for mmcv's ops; setuptools below 82 because mmengine 0.10.7 imports pkg_resources at run
 # time, and at least 77.0.3 for torch's metadata.
 $PIP install -q 'setuptools>=77.0.3,<82' wheel ninja

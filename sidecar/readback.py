@@ -24,6 +24,11 @@ class Artifact:
     metadata: dict[str, Any]
     files: dict[str, dict[str, Any]]  # path in the artifact -> manifest entry (size, local_path...)
 
+    def table(self, name: str) -> dict[str, Any]:
+        """A W&B Table stored in the artifact (``columns``, ``data``), read from wandb's staged file."""
+        entry = self.files[f"{name}.table.json"]
+        return json.loads(Path(entry["local_path"]).read_text())
+
 
 @dataclass
 class RunRecords:

@@ -2,7 +2,8 @@
 
 Metrics of the same step are coalesced into one ``run.log`` call (wandb calls cost ~0.1-1 ms each). The
 row of the newest step is held open until a later step arrives or the run ends, as wandb itself does
-with explicit steps, so a validation log at the training step's number joins that row.
+with explicit steps, so a validation log at the training step's number joins that row. Images
+(``Kind.IMAGE``) join rows the same way; several images of one name in one step become one list.
 """
 
 from __future__ import annotations
@@ -129,13 +130,13 @@ class WandbSink:
             f"source-{self.run.project}-{code.get('program') or 'main'}")
         if any(n == name for n, _ in self.persisted.artifacts):
             return  # resumed: already logged by the first run directory
-        from wandb.sdk.lib.filenames import exclude_wandb_fn
-        from wandb.sdk.wandb_run import _is_py_requirements_or_dockerfile
 
-        def include(path: str, root: str) -> bool:
-            return _is_py_requirements_or_dockerfile(path, root) and self.guard.check(path) is not None
+        def include(path: str, root: str) -> bool:  # wandb's default selection, within the allowed roots
+            file = os.path.basename(path)
+            wanted = file.endswith(".py") or file.startswith("Dockerfile") or file == "requirements.txt"
+            return wanted and self.guard.check(path) is not None
 
-        self.run.log_code(str(root), name=name, include_fn=include, exclude_fn=exclude_wandb_fn)
+        self.run.log_code(str(root), name=name, include_fn=include)
 
     def config(self, msg: Message) -> None:
         """A config update after the run start (mmengine's ``add_config`` after the first log)."""
@@ -159,7 +160,12 @@ class WandbSink:
         image = body["image"]
         if image.ndim == 3 and image.shape[2] == 1:
             image = image[:, :, 0]
-        self._log_row({body["name"]: wandb.Image(image)}, body.get("step"), body.get("commit", True), msg.seq)
+        name, step, commit = body["name"], body.get("step"), body.get("commit", True)
+        value: Any = wandb.Image(image)
+        held = self.pending_row.get(name) if step is not None and step == self.pending_step and commit else None
+        if isinstance(held, (wandb.Image, list)):  # several images of one name in one step: keep them all
+            value = [*(held if isinstance(held, list) else [held]), value]
+        self._log_row({name: value}, step, commit, msg.seq)
         self._count("images")
 
     def _log_row(self, data: dict[str, Any], step: int | None, commit: bool, seq: int) -> None:

@@ -105,3 +105,22 @@ def test_structured_garbage_decodes_or_raises_protocol_error(kind, run_id, seq, 
     except ProtocolError:
         return
     assert msg.kind is kind
+
+
+def test_image_and_config_round_trip_and_bad_images_are_refused() -> None:
+    image = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    msg = decode(encode(Kind.IMAGE, "r", 2, 0.0, {"name": "val_img", "image": image, "step": 3}))
+    np.testing.assert_array_equal(msg.body["image"], image)
+    assert decode(encode(Kind.CONFIG, "r", 3, 0.0, {"config": {"a": [1, {"b": None}]}})).body == {
+        "config": {"a": [1, {"b": None}]}}
+    code = {"root": "/work", "name": None, "program": "tools/train.py"}
+    assert decode(encode(Kind.RUN_START, "r", 1, 0.0, {"init_kwargs": {}, "code": code})).body["code"] == code
+    for body in ({"name": "x", "image": image.astype(np.float32)},  # not uint8
+                 {"name": "x", "image": np.zeros((4, 4, 2), np.uint8)},  # 2 channels
+                 {"name": "x", "image": np.zeros((0, 4, 3), np.uint8)},  # empty
+                 {"name": "", "image": image},
+                 {"name": "x", "image": image, "step": -1}):
+        with pytest.raises(InvalidField):
+            decode(encode(Kind.IMAGE, "r", 2, 0.0, body))
+    with pytest.raises(InvalidField):
+        decode(encode(Kind.RUN_START, "r", 1, 0.0, {"init_kwargs": {}, "code": {"root": "/w", "extra": "x"}}))

@@ -105,6 +105,8 @@ class SidecarClient:
     ``run_id``) fixes the wandb run id; otherwise a fresh one is made. ``curve_server_key`` (the
     sidecar's public key file) and ``curve_client_key`` (this client's secret key file) turn on CurveZMQ;
     by default they come from ``WANDB_SIDECAR_SERVER_KEY`` / ``WANDB_SIDECAR_CLIENT_KEY``.
+    ``code`` (``{"root": dir, "name": artifact name or None, "program": script path or None}``) asks the
+    sidecar for ``run.log_code`` of that source tree, as mmengine's ``WandbVisBackend`` does.
     """
 
     def __init__(
@@ -116,6 +118,7 @@ class SidecarClient:
         run_id: str | None = None,
         define_metrics: Sequence[Mapping[str, Any]] | None = None,
         files: Sequence[Mapping[str, str]] | None = None,
+        code: Mapping[str, str | None] | None = None,
         max_pending: int = 100_000,
         max_backlog_bytes: int = 64 * 1024 * 1024,
         spill_dir: str | os.PathLike[str] | None = _DEFAULT_SPILL,
@@ -161,6 +164,8 @@ class SidecarClient:
             start["define_metrics"] = [dict(m) for m in define_metrics]
         if files:
             start["files"] = [dict(f) for f in files]
+        if code:
+            start["code"] = dict(code)
         self._pending.append((Kind.RUN_START, start, time.time()))
 
         self._io = _IOThread(self)

@@ -218,8 +218,15 @@ class MMDetWandbSidecarHook(LoggerHook):
     # ----------------------------------------------------------------------------- epoch / iter ends
 
     def after_train_iter(self, runner) -> None:  # type: ignore[no-untyped-def]
+        mode = self.get_mode(runner)  # before super(): as the last logger hook it clears the output
         super().after_train_iter(runner)  # buffer averaging and clearing on every rank (mmdet#8145)
-        self._after_train_iter(runner)
+        # At an evaluation iteration mmcv's EvalHook calls the logger hooks once itself before it evaluates
+        # (training logs, mode 'train'), then the runner calls them again with the results (mode 'val'):
+        # act on the second call there, as upstream does, and on the only call at other iterations
+        # (upstream skips those, so a checkpoint saved without an evaluation is never logged there).
+        evaluating = self.eval_hook is not None and self.eval_hook._should_evaluate(runner)
+        if mode != "train" or not evaluating:
+            self._after_train_iter(runner)
 
     @master_only
     def _after_train_iter(self, runner) -> None:  # type: ignore[no-untyped-def]

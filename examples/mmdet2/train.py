@@ -2,7 +2,7 @@
 
 Run as a subprocess::
 
-    PYTHONPATH=/work/main python -m tests.mmdet2.train --work-dir /tmp/x --data-root /tmp/d \
+    PYTHONPATH=/work/main python -m examples.mmdet2.train --work-dir /tmp/x --data-root /tmp/d \
         --logger upstream
 """
 
@@ -45,16 +45,18 @@ class TrainResult:
 
 
 def logger_hooks(
-    logger: str, *, sidecar_addr: str | None = None, project: str = "test"
+    logger: str, *, sidecar_addr: str | None = None, project: str = "test",
+    hook_args: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """``log_config.hooks`` for ``logger`` in ``none`` | ``upstream`` | ``sidecar``."""
     hooks: list[dict[str, Any]] = [dict(type="TextLoggerHook")]
     init_kwargs = {"project": project, "mode": "offline"}
+    args = {**HOOK_ARGS, **(hook_args or {})}
     if logger == "upstream":
-        hooks.append(dict(type="MMDetWandbHook", init_kwargs=init_kwargs, **HOOK_ARGS))
+        hooks.append(dict(type="MMDetWandbHook", init_kwargs=init_kwargs, **args))
     elif logger == "sidecar":
         hooks.append(dict(type="MMDetWandbSidecarHook", sidecar_addr=sidecar_addr,
-                          init_kwargs=init_kwargs, **HOOK_ARGS))
+                          init_kwargs=init_kwargs, **args))
     elif logger != "none":
         raise ValueError(f"unknown logger {logger!r}")
     return hooks
@@ -104,8 +106,8 @@ def train(cfg: Config) -> TrainResult:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: generate the synthetic data if missing, build the tiny config, train."""
-    from tests.mmdet2.synthetic_coco import coco_paths, make_coco_dataset
-    from tests.mmdet2.tiny_config import tiny_mask_rcnn_cfg
+    from examples.mmdet2.synthetic_coco import coco_paths, make_coco_dataset
+    from examples.mmdet2.tiny_config import tiny_mask_rcnn_cfg
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--work-dir", required=True)
@@ -118,6 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-iters", type=int, default=None)
     p.add_argument("--base-channels", type=int, default=64, help="ResNet-18 width; 16: ~7 MB ckpts")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hook-args", type=json.loads, default={},
+                   help='JSON overriding the wandb hook arguments, e.g. \'{"num_eval_images": 0}\'')
+    p.add_argument("--max-keep-ckpts", type=int, default=-1, help="CheckpointHook's max_keep_ckpts")
     args = p.parse_args(argv)
 
     data = coco_paths(Path(args.data_root))
@@ -130,9 +135,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_epochs=args.max_epochs,
         max_iters=args.max_iters,
         base_channels=args.base_channels,
-        hooks=logger_hooks(args.logger, sidecar_addr=args.sidecar_addr, project=args.project),
+        hooks=logger_hooks(args.logger, sidecar_addr=args.sidecar_addr, project=args.project,
+                           hook_args=args.hook_args),
         seed=args.seed,
     )
+    if args.max_keep_ckpts > 0:
+        cfg.checkpoint_config.max_keep_ckpts = args.max_keep_ckpts
     if args.logger == "sidecar":
         cfg.custom_imports = dict(imports=["trainer_hook.mmdet"], allow_failed_imports=False)
     result = train(cfg)

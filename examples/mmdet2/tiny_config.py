@@ -64,7 +64,7 @@ def tiny_mask_rcnn_cfg(
 ) -> Config:
     """The shipped W&B Mask R-CNN config, shrunk to train on CPU in seconds.
 
-    ``data`` is :func:`tests.mmdet2.synthetic_coco.coco_paths` output. ``hooks`` become
+    ``data`` is :func:`examples.mmdet2.synthetic_coco.coco_paths` output. ``hooks`` become
     ``log_config.hooks`` (default: only ``TextLoggerHook``). Evaluation (bbox+segm) and
     checkpoints happen every ``interval`` epochs, or iterations when ``by_epoch=False``
     (default: 1 epoch, or ``max_iters // 2`` iterations; ``max_iters`` defaults to 24).

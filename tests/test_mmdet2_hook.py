@@ -1,0 +1,173 @@
+"""MMDetWandbSidecarHook against upstream MMDetWandbHook: a real mmcv runner trains MMDetection's own
+Mask R-CNN wandb config (shrunk to CPU) on a synthetic COCO set; both wandb runs are read back.
+
+Each training runs in its own process (upstream imports the dumped config by module name, so a second
+training in one process would see the first one's config)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("mmdet", reason="needs the MMDetection 2.x stack (scripts/setup.sh)")
+mmdet = pytest.importorskip("mmdet")
+if not mmdet.__version__.startswith("2."):
+    pytest.skip("MMDetection 2.x only", allow_module_level=True)
+
+from sidecar.readback import RunRecords, read_runs  # noqa: E402
+from tests.sidecar_process import SidecarProcess  # noqa: E402
+
+pytestmark = [pytest.mark.mmdet2, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parent.parent
+CLASSES = ["square", "circle", "triangle"]
+NUM_EVAL_IMAGES = 3
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from examples.mmdet2.synthetic_coco import make_coco_dataset
+
+    root = tmp_path_factory.mktemp("coco")
+    data = make_coco_dataset(root)
+    assert list(data["classes"]) == CLASSES
+    return root
+
+
+def _train(logger: str, work: Path, data_root: Path, wandb_dir: Path, *args: str, addr: str = "") -> None:
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir), "WANDB_SILENT": "true",
+           "WANDB_DATA_DIR": str(wandb_dir / "data"), "WANDB_CACHE_DIR": str(wandb_dir / "cache"),
+           "PYTHONPATH": str(ROOT)}
+    wandb_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "examples.mmdet2.train", "--work-dir", str(work), "--data-root", str(data_root),
+           "--logger", logger, "--base-channels", "16", *args]
+    if addr:
+        cmd += ["--sidecar-addr", addr]
+    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+
+
+def _ours(tmp_path: Path, data_root: Path, *args: str) -> tuple[RunRecords, SidecarProcess]:
+    with SidecarProcess(tmp_path, allow_roots=[tmp_path, data_root]) as sidecar:
+        _train("sidecar", tmp_path / "work_dirs", data_root, tmp_path / "trainer_wandb", *args, addr=sidecar.addr)
+        assert sidecar.stop() == 0
+    runs = read_runs(sidecar.wandb_dir)
+    assert len(runs) == 1
+    assert not (tmp_path / "trainer_wandb" / "wandb").exists()  # the trainer itself wrote no wandb files
+    return next(iter(runs.values())), sidecar
+
+
+def _metrics(row: dict) -> set[str]:
+    return {k for k in row if not k.startswith("_")}
+
+
+def _train_keys(run: RunRecords) -> set[str]:
+    return {k for row in run.history for k in row if k.startswith("train/")}
+
+
+def _check_val_table(run: RunRecords) -> None:
+    [val] = run.artifacts_named("val")
+    assert (val.name, val.type) == ("val", "dataset")
+    table = val.table("val_data")
+    assert table["columns"] == ["image_name", "image"]
+    assert len(table["data"]) == NUM_EVAL_IMAGES
+    for name, image in table["data"]:
+        assert name.endswith(".png")
+        boxes = image["boxes"]["ground_truth"]
+        assert boxes, "every synthetic image has objects"
+        assert {b["class_id"] for b in boxes} <= {1, 2, 3}  # 1-based
+        assert all(b["box_caption"] == CLASSES[b["class_id"] - 1] and b["domain"] == "pixel" for b in boxes)
+        assert set(image["masks"]) <= set(CLASSES) and image["masks"]  # polygons became per-class bitmaps
+        assert image["width"] == image["height"] == 96  # the original image, not the resized one
+
+
+def _check_pred_tables(run: RunRecords, tags: list[str]) -> None:
+    preds = run.artifacts_named(f"run_{run.run_id}_pred")
+    assert [a.type for a in preds] == ["evaluation"] * len(tags)
+    assert [sorted(a.aliases) for a in preds] == [sorted(["latest", t]) for t in tags]
+    shown = 0
+    for art in preds:
+        table = art.table("eval_data")
+        assert table["columns"] == ["image_name", "ground_truth", "prediction"]
+        assert len(table["data"]) == NUM_EVAL_IMAGES
+        for _, gt, pred in table["data"]:
+            assert gt["path"].startswith("media/images/")
+            for box in pred["boxes"]["predictions"]:
+                name, score = box["box_caption"].rsplit(" ", 1)
+                assert name == CLASSES[box["class_id"] - 1] and float(score) > 0.3 - 0.005  # thr, 2 decimals
+                shown += 1
+    assert shown > 0, "some predictions above bbox_score_thr after training"
+
+
+def test_epoch_run_matches_upstream_except_documented_differences(tmp_path: Path, data_root: Path) -> None:
+    _train("upstream", tmp_path / "up_work", data_root, tmp_path / "up_wandb")
+    [upstream] = read_runs(tmp_path / "up_wandb").values()
+    ours, _ = _ours(tmp_path / "ours", data_root)
+
+    # metrics: same keys, same steps (iter + 1), train every iteration, val at each epoch's end
+    keys = {k for row in ours.history for k in _metrics(row)}
+    assert keys == {k for row in upstream.history for k in _metrics(row)}
+    assert {"learning_rate", "momentum", "val/bbox_mAP", "val/segm_mAP", "train/loss"} <= keys
+    assert ours.steps() == list(range(1, 26))
+    val_steps = [row["_step"] for row in ours.history if "val/bbox_mAP" in row]
+    assert val_steps == [13, 25] and [r["_step"] for r in upstream.history if "val/bbox_mAP" in r] == [13, 25]
+    # documented: upstream loses epoch 2's first training row (same step as epoch 1's val row, mmdet#7000)
+    up_train_steps = [r["_step"] for r in upstream.history if "train/loss" in r]
+    our_train_steps = [r["_step"] for r in ours.history if "train/loss" in r]
+    assert set(our_train_steps) - set(up_train_steps) == {13}
+    assert our_train_steps == list(range(1, 25))
+
+    # config and the saved config file
+    # same config but for what the two trainings were given differently (hook, work dir, custom_imports)
+    ours_cfg, up_cfg = json.loads(json.dumps(ours.config)), json.loads(json.dumps(upstream.config))
+    assert set(ours_cfg) - set(up_cfg) == {"custom_imports"} and set(up_cfg) <= set(ours_cfg)
+    assert {k for k in up_cfg if ours_cfg[k] != up_cfg[k]} == {"log_config", "work_dir"}
+    assert ours_cfg["model"] == up_cfg["model"] and ours_cfg["data"] == up_cfg["data"]
+    assert ours.config["runner"]["max_epochs"] == 2
+    assert "tiny_mask_rcnn.py" in ours.files and "tiny_mask_rcnn.py" in upstream.files
+
+    # checkpoints: one model artifact per epoch, aliases, metadata keys as upstream's
+    for run in (ours, upstream):
+        models = run.artifacts_named(f"run_{run.run_id}_model")
+        assert [(a.type, sorted(a.aliases), list(a.files)) for a in models] == [
+            ("model", ["epoch_1", "latest"], ["epoch_1.pth"]), ("model", ["epoch_2", "latest"], ["epoch_2.pth"])]
+        assert [m.metadata["epoch"] for m in models] == [1, 2]
+    up_meta = [set(a.metadata) for a in upstream.artifacts_named(f"run_{upstream.run_id}_model")]
+    assert [set(a.metadata) for a in ours.artifacts_named(f"run_{ours.run_id}_model")] == up_meta
+    assert {"bbox_mAP", "segm_mAP", "bbox_mAP_copypaste"} <= up_meta[0]
+
+    # tables: ours has the val table offline (documented: upstream logs none offline), the same pred tables
+    _check_val_table(ours)
+    assert upstream.artifacts_named("val") == []
+    _check_pred_tables(ours, ["epoch_1", "epoch_2"])
+    _check_pred_tables(upstream, ["epoch_1", "epoch_2"])
+    up_rows = [r[0] for r in upstream.artifacts_named(f"run_{upstream.run_id}_pred")[0].table("eval_data")["data"]]
+    our_rows = [r[0] for r in ours.artifacts_named(f"run_{ours.run_id}_pred")[0].table("eval_data")["data"]]
+    assert our_rows == up_rows  # the same images, in the same order (upstream's index selection)
+    assert ours.exit_code == upstream.exit_code == 0
+
+
+def test_iteration_runner_keeps_val_rows_and_checkpoints_survive_max_keep_ckpts(tmp_path: Path,
+                                                                                 data_root: Path) -> None:
+    run, _ = _ours(tmp_path, data_root, "--by-iter", "--max-iters", "24", "--max-keep-ckpts", "1")
+    assert run.steps() == list(range(1, 25))
+    # upstream drops both of these rows (mmdet#7000): ours keeps them
+    assert [row["_step"] for row in run.history if "val/bbox_mAP" in row] == [12, 24]
+    models = run.artifacts_named(f"run_{run.run_id}_model")
+    assert [sorted(a.aliases) for a in models] == [["iter_12", "latest"], ["iter_24", "latest"]]
+    assert [a.metadata["iter"] for a in models] == [12, 24]
+    assert not (tmp_path / "work_dirs" / "iter_12.pth").exists()  # max_keep_ckpts deleted it
+    assert int(models[0].files["iter_12.pth"]["size"]) > 1_000_000  # uploaded all the same
+    _check_pred_tables(run, ["iter_12", "iter_24"])
+
+
+def test_no_eval_images_and_no_checkpoint_logging(tmp_path: Path, data_root: Path) -> None:
+    run, sidecar = _ours(tmp_path, data_root, "--hook-args", json.dumps({"num_eval_images": 0, "log_checkpoint": False}))
+    assert run.artifacts == []
+    assert run.steps() == list(range(1, 26))
+    assert any("val/bbox_mAP" in row for row in run.history)
+    assert run.exit_code == 0
