@@ -1,6 +1,6 @@
 """The wire protocol between the trainer-side hook and the sidecar. No wandb, mmcv or torch here."""
 
-from .codec import Header, Message, decode, decode_body, decode_header, encode, encode_body, encode_header
+from .codec import Header, Message, decode, decode_body, decode_header, encode, encode_body, encode_header, split
 from .errors import (
     InvalidField,
     LimitExceeded,
@@ -10,7 +10,7 @@ from .errors import (
     UnsupportedVersion,
 )
 from .kinds import NEVER_DROPPED, SEQUENCED, Kind
-from .limits import MAX_FRAME_BYTES, PROTOCOL_VERSION
+from .limits import MAX_BATCH, MAX_FRAME_BYTES, PROTOCOL_VERSION
 
 DEFAULT_ADDR = "tcp://127.0.0.1:5555"
 
@@ -20,6 +20,7 @@ __all__ = [
     "InvalidField",
     "Kind",
     "LimitExceeded",
+    "MAX_BATCH",
     "MAX_FRAME_BYTES",
     "MalformedFrame",
     "Message",
@@ -35,4 +36,5 @@ __all__ = [
     "encode",
     "encode_body",
     "encode_header",
+    "split",
 ]

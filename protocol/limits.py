@@ -14,6 +14,8 @@ MAX_HEADER_BYTES = 1024
 MAX_BODY_BYTES = 16 * 1024 * 1024
 #: A message is header, body and at most one array blob.
 MAX_FRAMES = 3
+#: Messages one ZeroMQ multipart may carry back to back (the client batches what is ready to send).
+MAX_BATCH = 1024
 
 #: Run ids become file names and wandb ids: keep them boring.
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")

@@ -36,9 +36,10 @@ def _choose_wandb_mode() -> str:
     return os.environ.get("WANDB_MODE", "online")
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    from .logs import setup_logging
+
+    setup_logging(level, fmt)
 
 
 @click.group()
@@ -64,12 +65,20 @@ def main() -> None:
 @click.option("--curve-authorized-keys", type=click.Path(file_okay=False, exists=True),
               envvar="WANDB_SIDECAR_CURVE_AUTHORIZED", help="Directory of the client public keys (*.key) allowed in.")
 @click.option("--insecure", is_flag=True, help="Allow a non-loopback bind without keys (logged loudly).")
-@click.option("--log-level", default="INFO", show_default=True)
+@click.option("--log-level", default="INFO", show_default=True, envvar="WANDB_SIDECAR_LOG_LEVEL")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              envvar="WANDB_SIDECAR_LOG_FORMAT", help="json: one JSON object per line on stderr, for log collectors.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None, envvar="WANDB_SIDECAR_METRICS_PORT",
+              help="Serve Prometheus metrics (the counters of `status`) on this port. Default: off.")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True, envvar="WANDB_SIDECAR_METRICS_HOST",
+              help="Address the metrics endpoint listens on (0.0.0.0 inside a container).")
 def serve(bind: str, journal_dir: str, allow_roots: tuple[str, ...], heartbeat_timeout: float,
           no_fsync: bool, curve_secret_key: str | None, curve_authorized_keys: str | None, insecure: bool,
-          log_level: str) -> None:
+          log_level: str, log_format: str, metrics_port: int | None, metrics_host: str) -> None:
     """Receive from trainers and do all wandb work. SIGTERM drains, finishes every run, exits 0."""
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format)
+    if log_format == "json" and "WANDB_SILENT" not in os.environ:
+        os.environ["WANDB_SILENT"] = "true"  # wandb's own "wandb: ..." lines would break one-JSON-per-line
     from .auth import InsecureBindRefused, socket_security
 
     try:
@@ -93,26 +102,47 @@ def serve(bind: str, journal_dir: str, allow_roots: tuple[str, ...], heartbeat_t
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     log.info("wandb mode: %s", mode)
+    metrics = None
+    if metrics_port is not None:
+        from .prometheus import start_metrics_server
+
+        try:
+            metrics = start_metrics_server(server.status, metrics_port, metrics_host)
+        except OSError as exc:
+            log.error("cannot serve metrics on %s:%d: %s", metrics_host, metrics_port, exc)
+            sys.exit(2)
     try:
         server.serve()
     except zmq.ZMQError as exc:
         log.error("cannot serve on %s: %s", bind, exc)
         sys.exit(2)
+    finally:
+        if metrics is not None:
+            metrics.shutdown()
 
 
 @main.command()
 @click.option("--connect", default=DEFAULT_ADDR, show_default=True, envvar="WANDB_SIDECAR_ADDR")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
 @click.option("--timeout", default=3.0, show_default=True, type=float)
+@click.option("--watch", type=click.FloatRange(min=0.1), is_flag=False, flag_value=2.0, default=None,
+              metavar="[SECONDS]", help="Refresh every SECONDS (default 2) until Ctrl-C; with --json, one JSON "
+                                        "object per line.")
+@click.option("--count", type=click.IntRange(min=1), default=None,
+              help="With --watch: stop after this many refreshes (implies --watch).")
 @click.option("--curve-server-key", type=click.Path(dir_okay=False, exists=True), envvar="WANDB_SIDECAR_SERVER_KEY",
               help="The sidecar's public key file, when it runs with CurveZMQ.")
 @click.option("--curve-client-key", type=click.Path(dir_okay=False, exists=True), envvar="WANDB_SIDECAR_CLIENT_KEY",
               help="This client's secret key file, when the sidecar runs with CurveZMQ.")
-def status(connect: str, as_json: bool, timeout: float, curve_server_key: str | None,
-           curve_client_key: str | None) -> None:
+def status(connect: str, as_json: bool, timeout: float, watch: float | None, count: int | None,
+           curve_server_key: str | None, curve_client_key: str | None) -> None:
     """Report runs and counters of a running sidecar. Exit code 1 when it does not answer."""
-    from .status_view import Unreachable, fetch_status, render
+    from .status_view import Unreachable, fetch_status, render, watch_status
 
+    if watch is not None or count is not None:
+        ok = watch_status(lambda: fetch_status(connect, timeout, curve_server_key, curve_client_key),
+                          connect, 2.0 if watch is None else watch, count, as_json)
+        sys.exit(0 if ok else 1)
     try:
         st = fetch_status(connect, timeout, curve_server_key, curve_client_key)
     except Unreachable as exc:

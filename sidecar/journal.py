@@ -54,14 +54,15 @@ class Journal:
 
     def _write_batch(self, batch: Sequence[tuple[str, Sequence[bytes]]]) -> None:
         touched: dict[str, int] = {}
+        records: dict[str, list[bytes]] = {}
+        for run_id, frames in batch:
+            payload = msgpack.packb([bytes(fr) for fr in frames])
+            records.setdefault(run_id, []).extend((_RECORD.pack(len(payload), zlib.crc32(payload)), payload))
         try:
-            for run_id, frames in batch:
+            for run_id, parts in records.items():
                 f = self._file(run_id)
-                if run_id not in touched:
-                    touched[run_id] = f.tell()
-                payload = msgpack.packb([bytes(fr) for fr in frames])
-                f.write(_RECORD.pack(len(payload), zlib.crc32(payload)))
-                f.write(payload)
+                touched[run_id] = f.tell()
+                f.write(b"".join(parts))  # one write per run and batch
             for run_id in touched:
                 f = self._files[run_id]
                 f.flush()

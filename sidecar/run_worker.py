@@ -38,7 +38,7 @@ class RunWorker(threading.Thread):
         super().__init__(name=f"run-{run_id}", daemon=True)
         self.run_id = run_id
         self.sink = WandbSink(run_id, file_guard, state_dir)
-        self.queue: queue.Queue[object] = queue.Queue()
+        self.queue: queue.SimpleQueue[object] = queue.SimpleQueue()  # C-implemented: cheap for the receiver
         self.delivered = delivered
         self.on_delivered = on_delivered
         self.on_finished = on_finished

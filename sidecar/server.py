@@ -9,6 +9,7 @@ is not accepted (the client goes back and resends).
 from __future__ import annotations
 
 import collections
+import importlib.metadata
 import logging
 import os
 import threading
@@ -29,6 +30,7 @@ from protocol import (
     decode_body,
     decode_header,
     encode,
+    split,
 )
 from protocol.limits import MAX_FRAME_BYTES, MAX_FRAMES
 
@@ -45,6 +47,13 @@ class PathRefused(ProtocolError):
     reason = "path_refused"
 
 BATCH = 2000
+#: Sidecar-wide counters always present in ``status()["counters"]`` (0 until they happen).
+_COUNTERS = ("received", "journaled", "journal_errors", "backpressure", "replies_unsent")
+_ERROR_CHARS = 2000  # a status reply stays well inside the protocol's string limit
+try:
+    _VERSION = importlib.metadata.version("wandb-sidecar")
+except importlib.metadata.PackageNotFoundError:  # running from a source tree that is not installed
+    _VERSION = "unknown"
 
 
 @dataclass
@@ -52,10 +61,13 @@ class RunState:
     run_id: str
     last_seq: int = 0  # journaled (and so acknowledged)
     delivered: int = 0  # reached wandb
+    journaled: int = 0  # last_seq once its batch is on disk (status shows this; last_seq moves mid-batch)
     received: int = 0
     duplicates: int = 0
     out_of_order: int = 0
     rejected: int = 0
+    rejected_by: dict[str, int] = field(default_factory=dict)  # reason -> count
+    backpressure: int = 0  # messages not accepted because the worker was too far behind
     last_seen: float = field(default_factory=time.monotonic)
     peer: bytes = b""
     start: Message | None = None
@@ -158,6 +170,8 @@ class SidecarServer:
                 worker.submit(msg)
             log.info("run %s: recovered from journal, seq %d journaled, %d delivered, %d to replay",
                      run_id, st.last_seq, st.delivered, len(replay))
+        for st in self.runs.values():
+            st.journaled = st.last_seq
 
     @staticmethod
     def _decode_frames(frames: list[bytes]) -> Message | None:
@@ -185,8 +199,13 @@ class SidecarServer:
                 parts = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
-            peer, frames = parts[0], parts[1:]
-            self._handle_one(sock, peer, frames, to_journal, accepted, acks)
+            peer = parts[0]
+            self.counters["received_multiparts"] += 1
+            try:
+                for header, frames in split(parts[1:]):
+                    self._handle_one(sock, peer, header, frames, to_journal, accepted, acks)
+            except ProtocolError as exc:  # broken framing: what came before it was handled
+                self._reject(peer, exc)
         if to_journal:
             try:
                 self.journal.write_batch(to_journal)
@@ -199,22 +218,16 @@ class SidecarServer:
                     st.last_seq = min(st.last_seq, msg.seq - 1)
                 return
             self.counters["journaled"] += len(to_journal)
+        for st in acks.values():
+            st.journaled = st.last_seq
         for st, msg in accepted:
             self._dispatch(st, msg)
         for (peer, run_id), st in acks.items():
             self._send(sock, peer, Kind.ACK, run_id, st.last_seq, {"delivered": st.delivered})
 
-    def _handle_one(self, sock, peer, frames, to_journal, accepted, acks) -> None:  # type: ignore[no-untyped-def]
+    def _handle_one(self, sock, peer, header, frames, to_journal, accepted, acks) -> None:  # type: ignore[no-untyped-def]
+        """One message of a multipart: ``frames`` are its own (header first)."""
         self.counters["received"] += 1
-        try:
-            if not frames:
-                raise MalformedFrame("empty message")
-            if len(frames) > MAX_FRAMES:
-                raise LimitExceeded(f"{len(frames)} frames, at most {MAX_FRAMES}")
-            header = decode_header(frames[0])
-        except ProtocolError as exc:
-            self._reject(peer, exc)
-            return
         if header.kind is Kind.STATUS:
             self._send(sock, peer, Kind.STATUS_REPLY, "", 0, {"status": self.status()})
             return
@@ -247,6 +260,7 @@ class SidecarServer:
         worker = st.worker
         if worker is not None and worker.queue.qsize() > self.max_run_queue:
             self.counters["backpressure"] += 1
+            st.backpressure += 1
             return  # not accepted: the client keeps it and resends once wandb caught up
         try:
             msg = decode_body(header, frames[1:])
@@ -289,6 +303,9 @@ class SidecarServer:
 
     def _reject(self, peer: bytes, exc: ProtocolError, header: Header | None = None) -> None:
         self.rejected[exc.reason] += 1
+        st = self.runs.get(header.run_id) if header else None
+        if st is not None:
+            st.rejected_by[exc.reason] = st.rejected_by.get(exc.reason, 0) + 1
         where = f" run {header.run_id} seq {header.seq}" if header else ""
         log.warning("rejected message from peer %s%s: %s", peer.hex(), where, exc)
 
@@ -350,31 +367,47 @@ class SidecarServer:
     # ----------------------------------------------------------------------------- status
 
     def status(self) -> dict[str, Any]:
+        """Everything ``wandb-sidecar status`` and the Prometheus endpoint show.
+
+        Called on the socket thread (STATUS requests) and on the metrics HTTP thread: it only reads ints
+        and strings and copies dicts and lists with single C-level calls (atomic under the GIL), so it
+        needs no lock and never blocks the receiver."""
         now = time.monotonic()
         runs = {}
         for st in list(self.runs.values()):
             w = st.worker
+            start = st.start.body if st.start is not None else {}
+            client = start.get("client") or {}
             runs[st.run_id] = {
                 "state": st.state,
+                "worker": w.state if w is not None else "none",
+                "project": (start.get("init_kwargs") or {}).get("project"),
+                "client": {"host": client.get("host"), "pid": client.get("pid")} if client else {},
                 "received": st.received,
-                "journaled_seq": st.last_seq,
+                "journaled_seq": st.journaled,
                 "delivered_seq": st.delivered,
-                "lag": st.last_seq - st.delivered,
+                "lag": max(0, st.journaled - st.delivered),
                 "queue": w.queue.qsize() if w is not None else 0,
                 "duplicates": st.duplicates,
                 "out_of_order": st.out_of_order,
+                "backpressure": st.backpressure,
                 "rejected": st.rejected,
+                "rejected_by": dict(st.rejected_by),
                 "last_seen_s": round(now - st.last_seen, 1),
                 "wandb": w.sink.all_counters() if w is not None else {},
-                "last_error": w.last_error if w is not None else "",
+                "last_error": w.last_error[:_ERROR_CHARS] if w is not None else "",
             }
         return {
+            "version": _VERSION,
             "bind": self.bind,
             "pid": os.getpid(),
+            "started": round(self.started, 3),
             "uptime_s": round(time.time() - self.started, 1),
+            "serving": not self._stop.is_set(),
+            "wandb_mode": os.environ.get("WANDB_MODE", "online"),
             "journal": str(self.journal.root),
-            "counters": dict(self.counters),
+            "counters": {**dict.fromkeys(_COUNTERS, 0), **self.counters},
             "rejected": dict(self.rejected),
-            "last_error": self.last_error,
+            "last_error": self.last_error[:_ERROR_CHARS],
             "runs": runs,
         }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from .media import MediaBuilder
 from .wandb_files import Persisted, persisted, wandb_root
 
 log = logging.getLogger("sidecar.wandb")
+#: Checkpoints above this size get a log line before the upload starts, not only after it.
+LARGE_FILE_BYTES = 100_000_000
 
 
 class SinkError(RuntimeError):
@@ -66,6 +69,8 @@ class WandbSink:
             self.run = wandb.init(settings=settings, **init)
         except Exception as exc:
             raise SinkError(f"wandb.init failed: {type(exc).__name__}: {exc}") from exc
+        log.info("run %s: wandb run started (project %s, %s, files in %s)", self.run_id, self.run.project,
+                 self.run.url or "offline", self.run.dir, extra={"run": self.run_id})
         self._find_persisted_steps(init.get("dir"))
         for metric in body.get("define_metrics", []):
             self.run.define_metric(**metric)
@@ -127,7 +132,7 @@ class WandbSink:
                       self.run_id, code.get("root"))
             return
         name = code.get("name") or wandb.util.make_artifact_name_safe(
-            f"source-{self.run.project}-{code.get('program') or 'main'}")
+            f"source-{self.run.project}-{code.get('program')}")  # wandb's default, "None" included
         if any(n == name for n, _ in self.persisted.artifacts):
             return  # resumed: already logged by the first run directory
 
@@ -136,7 +141,11 @@ class WandbSink:
             wanted = file.endswith(".py") or file.startswith("Dockerfile") or file == "requirements.txt"
             return wanted and self.guard.check(path) is not None
 
-        self.run.log_code(str(root), name=name, include_fn=include)
+        try:
+            self.run.log_code(str(root), name=name, include_fn=include)
+        except Exception as exc:  # an unreadable tree costs the code artifact, not the run
+            self._count("failed_code")
+            log.error("run %s: log_code of %s failed: %s: %s", self.run_id, root, type(exc).__name__, exc)
 
     def config(self, msg: Message) -> None:
         """A config update after the run start (mmengine's ``add_config`` after the first log)."""
@@ -213,9 +222,22 @@ class WandbSink:
             log.error("run %s: checkpoint %s does not exist; nothing to upload", self.run_id, path)
             return
         name = body.get("artifact_name") or f"run_{self.run.id}_model"
+        aliases = list(body.get("aliases") or ["latest"])
+        file_name = os.path.basename(body.get("source_path") or body["path"])
+        size = path.stat().st_size
+        where = {"run": self.run_id, "artifact": name, "path": str(path), "bytes": size}
+        if size > LARGE_FILE_BYTES:
+            log.info("run %s: checkpoint %s (%.0f MB) going to wandb as %s %s", self.run_id, file_name,
+                     size / 1e6, name, aliases, extra=where)
+        t0 = time.monotonic()
         artifact = wandb.Artifact(name, type="model", metadata=body.get("metadata") or None)
-        artifact.add_file(str(path), name=os.path.basename(body.get("source_path") or body["path"]))
-        self.run.log_artifact(artifact, aliases=list(body.get("aliases") or ["latest"]))
+        artifact.add_file(str(path), name=file_name)
+        self.run.log_artifact(artifact, aliases=aliases)
+        took = time.monotonic() - t0
+        # add_file hashes and stages the file; log_artifact hands it to wandb (which uploads in the background)
+        log.info("run %s: checkpoint %s (%.1f MB) handed to wandb as %s %s in %.2f s (%.0f MB/s)", self.run_id,
+                 file_name, size / 1e6, name, aliases, took, size / 1e6 / max(took, 1e-6),
+                 extra={**where, "seconds": round(took, 3)})
         self._count("checkpoints")
         if body.get("spooled") and path.parent.name == SPOOL_DIR_NAME:
             path.unlink(missing_ok=True)  # add_file staged a copy; the hardlink has done its job

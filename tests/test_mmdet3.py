@@ -94,7 +94,7 @@ def test_epoch_training_logs_metrics_config_code_checkpoints_and_tables(tmp_path
         row = _row(run, step)
         assert VAL_KEYS <= set(row), row
         assert all(isinstance(row[k], (int, float)) for k in VAL_KEYS)
-        assert row["val_img"]["_type"] == "images/separated" and row["val_img"]["count"] == 4  # all val images
+        assert row["val_img._type"] == "images/separated" and row["val_img.count"] == 4  # all val images
     assert not any("coco/bbox_mAP" in row for row in run.history if row["_step"] % ITERS_PER_EPOCH)
     assert run.summary["coco/bbox_mAP"]["max"] >= 0  # define_metric_cfg={"coco/bbox_mAP": "max"}
 
@@ -105,7 +105,8 @@ def test_epoch_training_logs_metrics_config_code_checkpoints_and_tables(tmp_path
 
     # code: the trainer's working directory, wandb's default selection (python files)
     (code,) = by_type["code"]
-    assert code.name.startswith("source-test-") and list(code.files) == ["my_detector.py"]
+    # wandb's default name; the script (tests/mmdet3/train.py) lies outside the working directory: "None"
+    assert code.name == "source-test-None" and list(code.files) == ["my_detector.py"]
 
     # checkpoints: one per epoch, aliases, the evaluation of that epoch as metadata
     models = by_type["model"]
@@ -187,7 +188,7 @@ def test_vis_backend_api_steps_images_config_and_close(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     with SidecarProcess(tmp_path) as sidecar:
         backend = SidecarVisBackend(sidecar_addr=sidecar.addr, init_kwargs={"id": "visapi", "project": "api"},
-                                    define_metric_cfg=[{"name": "loss", "summary": "min"}], log_code=False)
+                                    define_metric_cfg=[{"name": "loss", "summary": "min"}])
         backend.add_config(Config(dict(lr=0.1, sizes=(1, 2), nested=dict(cls=Config, deep=[dict(a=None)]))))
         backend.add_scalars({"loss": torch.tensor(0.5), "acc": np.float32(0.25), "vec": [1, 2]}, step=1)
         backend.add_scalar("loss", 0.4, step=2)
@@ -210,18 +211,21 @@ def test_vis_backend_api_steps_images_config_and_close(tmp_path: Path) -> None:
     assert run.steps() == [1, 2, 3, 4, 10]
     assert {k: v for k, v in _row(run, 1).items() if not k.startswith("_")} == {"loss": 0.5, "acc": 0.25}
     assert _row(run, 2)["loss"] == 0.4 and _row(run, 2)["late"] == 1.0
-    assert _row(run, 3)["img"]["count"] == 2
-    assert _row(run, 4)["gray"]["_type"] == "image-file"
+    assert _row(run, 3)["img._type"] == "images/separated" and _row(run, 3)["img.count"] == 2
+    assert _row(run, 4)["gray._type"] == "image-file" and _row(run, 4)["gray.width"] == 6
     assert _row(run, 10)["coco/bbox_mAP"] == 0.5
     assert run.config["lr"] == 0.1 and run.config["sizes"] == [1, 2] and run.config["late_key"] == "yes"
     assert "Config" in run.config["nested"]["cls"] and run.config["nested"]["deep"] == [{"a": None}]
     assert run.summary["loss"]["min"] == 0.4
     assert run.exit_code == 0
+    # log_code: this process's working directory is outside the sidecar's --allow-root: not read
+    assert run.artifacts == [] and "code root" in sidecar.log()
 
 
 def test_hook_without_vis_backend_logs_to_a_run_of_its_own(tmp_path: Path, data: dict) -> None:
     """The hook alone (visualizer without SidecarVisBackend): checkpoints and tables in its own run."""
     from mmengine.runner import Runner
+    from mmengine.utils import import_modules_from_strings
 
     from examples.mmdet2.synthetic_coco import coco_paths
     from tests.mmdet3.tiny_config import tiny_mask_rcnn_cfg
@@ -230,7 +234,7 @@ def test_hook_without_vis_backend_logs_to_a_run_of_its_own(tmp_path: Path, data:
         cfg = tiny_mask_rcnn_cfg(coco_paths(tmp_path / "data"), str(tmp_path / "work"), max_epochs=1,
                                  custom_hooks=[dict(type="DetWandbSidecarHook", sidecar_addr=sidecar.addr,
                                                     init_kwargs={"id": "hookonly"}, num_eval_images=2)])
-        cfg.custom_imports = dict(imports=["trainer_hook.mmdet3"], allow_failed_imports=False)
+        import_modules_from_strings(imports=["trainer_hook.mmdet3"])
         cfg.experiment_name = "hook_only"
         Runner.from_cfg(cfg).train()
         assert sidecar.stop() == 0

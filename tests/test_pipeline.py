@@ -114,9 +114,9 @@ def test_malformed_frames_are_rejected_and_counted(sidecar: SidecarProcess) -> N
     bad.connect(sidecar.addr)
     garbage = [
         [b"\xc1\xc1\xc1"],  # not msgpack
-        [msgpack.packb([99, "metrics", "abc", 1, 0.0]), msgpack.packb({})],  # unknown version
-        [msgpack.packb([1, "explode", "abc", 1, 0.0]), msgpack.packb({})],  # unknown kind
-        [msgpack.packb([1, "metrics", "../../etc", 1, 0.0]), msgpack.packb({})],  # bad run id
+        [msgpack.packb([99, "metrics", "abc", 1, 0.0, 1]), msgpack.packb({})],  # unknown version
+        [msgpack.packb([1, "explode", "abc", 1, 0.0, 1]), msgpack.packb({})],  # unknown kind
+        [msgpack.packb([1, "metrics", "../../etc", 1, 0.0, 1]), msgpack.packb({})],  # bad run id
         encode(Kind.RUN_START, "badrun", 1, 0.0, {"init_kwargs": {}}),
         encode(Kind.METRICS, "badrun", 2, 0.0, {"data": {"x": [1, 2]}}),  # not a scalar
         encode(Kind.METRICS, "badrun", 3, 0.0, {"data": {"x": 1.0}, "bogus": 1}),  # unknown field

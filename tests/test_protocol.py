@@ -49,16 +49,16 @@ def test_arrays_travel_in_one_blob_and_come_back_equal() -> None:
     "frames, error",
     [
         ([b"\xc1"], MalformedFrame),
-        ([msgpack.packb([2, "metrics", "r", 1, 0.0]), msgpack.packb({"data": {}})], UnsupportedVersion),
-        ([msgpack.packb([1, "nope", "r", 1, 0.0]), msgpack.packb({})], UnknownKind),
-        ([msgpack.packb([1, "metrics", "a/b", 1, 0.0]), msgpack.packb({"data": {}})], InvalidField),
-        ([msgpack.packb([1, "metrics", "r", 0, 0.0]), msgpack.packb({"data": {}})], InvalidField),
-        ([msgpack.packb([1, "metrics", "r", 1, 0.0]), msgpack.packb({"data": {"x": {"y": 1}}})], InvalidField),
-        ([msgpack.packb([1, "metrics", "r", 1, 0.0]), msgpack.packb({"step": 1})], InvalidField),
-        ([msgpack.packb([1, "metrics", "r", 1, 0.0]), msgpack.packb({"data": {}, "extra": 1})], InvalidField),
-        ([msgpack.packb([1, "run_finish", "r", 1, 0.0]), msgpack.packb({"exit_code": "0"})], InvalidField),
+        ([msgpack.packb([2, "metrics", "r", 1, 0.0, 1]), msgpack.packb({"data": {}})], UnsupportedVersion),
+        ([msgpack.packb([1, "nope", "r", 1, 0.0, 1]), msgpack.packb({})], UnknownKind),
+        ([msgpack.packb([1, "metrics", "a/b", 1, 0.0, 1]), msgpack.packb({"data": {}})], InvalidField),
+        ([msgpack.packb([1, "metrics", "r", 0, 0.0, 1]), msgpack.packb({"data": {}})], InvalidField),
+        ([msgpack.packb([1, "metrics", "r", 1, 0.0, 1]), msgpack.packb({"data": {"x": {"y": 1}}})], InvalidField),
+        ([msgpack.packb([1, "metrics", "r", 1, 0.0, 1]), msgpack.packb({"step": 1})], InvalidField),
+        ([msgpack.packb([1, "metrics", "r", 1, 0.0, 1]), msgpack.packb({"data": {}, "extra": 1})], InvalidField),
+        ([msgpack.packb([1, "run_finish", "r", 1, 0.0, 1]), msgpack.packb({"exit_code": "0"})], InvalidField),
         ([b"\x00" * (MAX_HEADER_BYTES + 1)], LimitExceeded),
-        ([msgpack.packb([1, "metrics", "r", 1, 0.0]), msgpack.packb({}), b"", b""], LimitExceeded),
+        ([msgpack.packb([1, "metrics", "r", 1, 0.0, 1]), msgpack.packb({}), b"", b""], LimitExceeded),
     ],
 )
 def test_bad_messages_raise_the_protocol_error_for_their_reason(frames, error) -> None:  # type: ignore[no-untyped-def]
@@ -99,7 +99,7 @@ _msgpack_values = st.recursive(
 @given(st.sampled_from(list(Kind)), st.text(max_size=10), st.integers(-5, 2**64 - 1), _msgpack_values,
        st.dictionaries(st.text(max_size=12), _msgpack_values, max_size=6))
 def test_structured_garbage_decodes_or_raises_protocol_error(kind, run_id, seq, t, body) -> None:  # type: ignore[no-untyped-def]
-    frames = [msgpack.packb([1, kind.value, run_id, seq, t]), msgpack.packb(body)]
+    frames = [msgpack.packb([1, kind.value, run_id, seq, t, 1]), msgpack.packb(body)]
     try:
         msg = decode(frames)
     except ProtocolError:
@@ -124,3 +124,34 @@ def test_image_and_config_round_trip_and_bad_images_are_refused() -> None:
             decode(encode(Kind.IMAGE, "r", 2, 0.0, body))
     with pytest.raises(InvalidField):
         decode(encode(Kind.RUN_START, "r", 1, 0.0, {"init_kwargs": {}, "code": {"root": "/w", "extra": "x"}}))
+
+
+def test_one_multipart_carries_a_batch_of_messages() -> None:
+    from protocol import split
+
+    msgs = [encode(Kind.METRICS, "r", i, 0.0, {"data": {"x": float(i)}, "step": i}) for i in range(1, 4)]
+    msgs.insert(1, encode(Kind.PRED_BATCH, "r", 9, 0.0, {"tag": "t", "indices": [0], "boxes": [np.zeros((1, 4), np.float32)],
+                                                        "scores": [np.ones(1, np.float32)], "labels": [np.zeros(1, np.int64)]}))
+    multipart = [f for m in msgs for f in m]
+    parts = list(split(multipart))
+    assert [len(f) for _, f in parts] == [2, 3, 2, 2]
+    assert [h.seq for h, _ in parts] == [1, 9, 2, 3]
+    assert decode(parts[1][1]).body["scores"][0][0] == 1.0
+    broken = multipart[:5] + [b"\xc1"] + multipart[5:]
+    seen = []
+    with pytest.raises(MalformedFrame):
+        for header, _ in split(broken):
+            seen.append(header.seq)
+    assert seen == [1, 9]  # what came before the break was handed out
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(st.binary(max_size=60), min_size=0, max_size=8))
+def test_split_of_any_bytes_yields_or_raises_protocol_error(frames: list[bytes]) -> None:
+    from protocol import split
+
+    try:
+        for header, message in split(frames):
+            assert message[0] is not None and len(message) == 1 + header.nbody
+    except ProtocolError:
+        pass

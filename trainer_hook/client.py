@@ -33,6 +33,7 @@ import zmq
 
 from protocol import (
     DEFAULT_ADDR,
+    MAX_BATCH,
     NEVER_DROPPED,
     Kind,
     ProtocolError,
@@ -50,6 +51,7 @@ log = logging.getLogger("trainer_hook")
 
 _ID_ALPHABET = string.ascii_lowercase + string.digits
 _FLUSH = "flush"  # pseudo-kind of a flush marker in ``pending``
+_BATCH_BYTES = 4 * 1024 * 1024
 
 
 _DEFAULT_SPILL: Any = object()
@@ -362,7 +364,7 @@ class _IOThread(threading.Thread):
                 return
             self.seq += 1
             item.seq = self.seq
-            item.frames.insert(0, encode_header(item.kind, self.c.run_id, item.seq, item.time))
+            item.frames.insert(0, encode_header(item.kind, self.c.run_id, item.seq, item.time, len(item.frames)))
             if not self.window:
                 self.last_progress = time.monotonic()
             self.window.append(item)
@@ -374,12 +376,19 @@ class _IOThread(threading.Thread):
             self.next_send = 0  # go back N: the sidecar drops what it already has
             self.last_progress = now
         while self.next_send < len(self.window):
+            # what is ready goes out as one multipart of up to MAX_BATCH messages (see protocol.split)
+            batch: list[bytes] = []
+            end, size = self.next_send, 0
+            while end < len(self.window) and end - self.next_send < MAX_BATCH and size < _BATCH_BYTES:
+                batch += self.window[end].frames
+                size += self.window[end].nbytes
+                end += 1
             try:
-                sock.send_multipart(self.window[self.next_send].frames, flags=zmq.NOBLOCK, copy=False)
+                sock.send_multipart(batch, flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return  # not connected, or the sidecar is slow: keep it, try again later
-            self.next_send += 1
-            self.c._counters["sent"] += 1
+            self.c._counters["sent"] += end - self.next_send
+            self.next_send = end
 
     def _heartbeat(self, sock: zmq.Socket) -> None:
         now = time.monotonic()

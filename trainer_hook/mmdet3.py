@@ -127,6 +127,8 @@ class SidecarVisBackend(BaseVisBackend):
         if self._log_code and config is not None:  # upstream logs code in add_config
             main = getattr(sys.modules.get("__main__"), "__file__", None)
             program = osp.relpath(osp.abspath(main), os.getcwd()) if main else None
+            if program is not None and program.startswith(".."):
+                program = None  # as wandb's program_relpath: a script outside the working directory
             code = {"root": os.getcwd(), "name": self._log_code_name, "program": program}
         self._client = SidecarClient(self._sidecar_addr, init_kwargs=self._init_kwargs, config=config,
                                      define_metrics=self._define_metrics(), code=code, **self._client_kwargs)
@@ -280,6 +282,7 @@ class DetWandbSidecarHook(Hook):
         self.client: SidecarClient | None = None
         self._own_client = False
         self._ckpt_hook: CheckpointHook | None = None
+        self._ckpt_by_epoch: bool | None = None  # None: checkpoints not logged
         self._seen_ckpt: str | None = None
         self._pending_ckpt: tuple[str, dict[str, int]] | None = None
         self._hold_ckpt = False
@@ -304,6 +307,8 @@ class DetWandbSidecarHook(Hook):
         if self.log_checkpoint and self._ckpt_hook is None:
             self.log_checkpoint = self.log_checkpoint_metadata = False
             runner.logger.warning("DetWandbSidecarHook: no CheckpointHook; checkpoints are not logged")
+        if self.log_checkpoint and self._ckpt_hook is not None:
+            self._ckpt_by_epoch = bool(self._ckpt_hook.by_epoch)
         val_loop = runner._val_loop  # built by train()/val() before before_run; a dict when unused
         has_val = isinstance(val_loop, BaseLoop)
         self._hold_ckpt = self.log_checkpoint_metadata and has_val
@@ -347,11 +352,11 @@ class DetWandbSidecarHook(Hook):
 
     def after_train_iter(self, runner: Runner, batch_idx: int, data_batch: Any = None,
                          outputs: Any = None) -> None:
-        if self.client is not None and self.log_checkpoint and not self._ckpt_hook.by_epoch:  # type: ignore[union-attr]
+        if self._ckpt_by_epoch is False:
             self._checkpoint_saved({"iter": runner.iter + 1})
 
     def after_train_epoch(self, runner: Runner) -> None:
-        if self.client is not None and self.log_checkpoint and self._ckpt_hook.by_epoch:  # type: ignore[union-attr]
+        if self._ckpt_by_epoch:
             self._checkpoint_saved({"epoch": runner.epoch + 1})
 
     def before_train_iter(self, runner: Runner, batch_idx: int, data_batch: Any = None) -> None:
@@ -368,7 +373,8 @@ class DetWandbSidecarHook(Hook):
 
     def _checkpoint_saved(self, position: dict[str, int]) -> None:
         """Notice a new ``CheckpointHook.last_ckpt``; announce it now, or after the evaluation for metadata."""
-        path = self._ckpt_hook.last_ckpt  # type: ignore[union-attr]
+        assert self._ckpt_hook is not None
+        path = self._ckpt_hook.last_ckpt
         if path is None or path == self._seen_ckpt:
             return
         self._seen_ckpt = path
@@ -401,10 +407,9 @@ class DetWandbSidecarHook(Hook):
     def after_val_epoch(self, runner: Runner, metrics: dict[str, float] | None = None) -> None:
         if self.client is None:
             return
-        if self.log_checkpoint and self._ckpt_hook is not None:
+        if self._ckpt_by_epoch is not None:
             # CheckpointHook(save_best) may save the current checkpoint again, or a new one, in this stage
-            unit = "epoch" if self._ckpt_hook.by_epoch else "iter"
-            self._checkpoint_saved({unit: runner.epoch if unit == "epoch" else runner.iter})
+            self._checkpoint_saved({"epoch": runner.epoch} if self._ckpt_by_epoch else {"iter": runner.iter})
             if self._pending_ckpt is not None:
                 self._send_checkpoint(metrics or {})
         if self._rows:

@@ -104,6 +104,29 @@ def train(cfg: Config) -> TrainResult:
     )
 
 
+def _time_hook_methods(logger: str) -> dict[str, list[float]]:
+    """Wrap the wandb hook's runner callbacks to record how long each call held the training loop."""
+    if logger == "upstream":
+        from mmdet.core.hook.wandblogger_hook import MMDetWandbHook as hook_cls
+    elif logger == "sidecar":
+        from trainer_hook.mmdet import MMDetWandbSidecarHook as hook_cls
+    else:
+        return {}
+    timings: dict[str, list[float]] = {}
+    for name in ("before_run", "after_train_iter", "after_train_epoch", "after_run"):
+        original = getattr(hook_cls, name)
+
+        def timed(self: Any, runner: Any, _original: Any = original, _name: str = name) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return _original(self, runner)
+            finally:
+                timings.setdefault(_name, []).append(time.perf_counter() - t0)
+
+        setattr(hook_cls, name, timed)
+    return timings
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: generate the synthetic data if missing, build the tiny config, train."""
     from examples.mmdet2.synthetic_coco import coco_paths, make_coco_dataset
@@ -123,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--hook-args", type=json.loads, default={},
                    help='JSON overriding the wandb hook arguments, e.g. \'{"num_eval_images": 0}\'')
     p.add_argument("--max-keep-ckpts", type=int, default=-1, help="CheckpointHook's max_keep_ckpts")
+    p.add_argument("--time-hooks", action="store_true",
+                   help="report the wall time spent in the wandb hook's methods (the trainer's stall)")
     args = p.parse_args(argv)
 
     data = coco_paths(Path(args.data_root))
@@ -143,9 +168,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg.checkpoint_config.max_keep_ckpts = args.max_keep_ckpts
     if args.logger == "sidecar":
         cfg.custom_imports = dict(imports=["trainer_hook.mmdet"], allow_failed_imports=False)
+    timings = _time_hook_methods(args.logger) if args.time_hooks else None
     result = train(cfg)
     print(json.dumps({"work_dir": str(result.work_dir), "seconds": round(result.seconds, 3),
-                      "checkpoints": [str(c) for c in result.checkpoints]}))
+                      "checkpoints": [str(c) for c in result.checkpoints],
+                      "hook_seconds": timings}))
     return 0
 
 

@@ -20,6 +20,7 @@ HOOK_ARGS: dict[str, Any] = dict(num_eval_images=3, bbox_score_thr=0.3)
 
 def main(argv: Sequence[str] | None = None) -> int:
     from mmengine.runner import Runner
+    from mmengine.utils import import_modules_from_strings
 
     from examples.mmdet2.synthetic_coco import coco_paths, make_coco_dataset
     from tests.mmdet3.tiny_config import tiny_mask_rcnn_cfg
@@ -48,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = tiny_mask_rcnn_cfg(data, args.work_dir, max_epochs=args.max_epochs, by_iter=args.by_iter,
                              vis_backends=[backend], custom_hooks=hooks, draw=args.draw)
     cfg.custom_imports = dict(imports=["trainer_hook.mmdet3"], allow_failed_imports=False)
+    import_modules_from_strings(**cfg.custom_imports)  # what Config.fromfile does for a config file
 
     runner = Runner.from_cfg(cfg)
     start = time.perf_counter()

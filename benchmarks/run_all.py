@@ -1,0 +1,366 @@
+"""Every speed figure side by side, in one run, on this machine: ours against what users run today.
+
+    .venv/bin/python -m benchmarks.run_all [--quick] [--out bench-out/results.json] [--only 1,2,...]
+
+1. caller-side cost of one metrics call (10 scalars): SidecarClient.log vs wandb run.log in-process
+2. caller-side stall of one evaluation's prediction batch (100 images x 20 boxes + masks): our hook's
+   send vs building and logging the same W&B Table in-process
+3. caller-side stall of announcing a 200 MB checkpoint: log_checkpoint vs Artifact.add_file + log_artifact
+4. the tiny real MMDetection training: no wandb, upstream MMDetWandbHook, ours (wall time, and the time
+   spent inside the wandb hook = the trainer's stall)
+5. sidecar throughput: messages/s received + journaled (fsync) and delivered into the wandb run
+6. client memory with the sidecar down for 1 M calls, against its configured bound
+
+Medians and p99 of per-call samples; ratios of medians. Machines are noisy: compare within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import ROOT, summary_us, table, write_json
+
+RESULTS: dict[str, Any] = {}
+ROWS: list[list[Any]] = []
+
+
+def _row(figure: str, what: str, ours: float, theirs: float | None, unit: str, goal: str = "") -> None:
+    ratio = f"{theirs / ours:.0f}x" if theirs and ours else "-"
+    ROWS.append([figure, what, f"{ours:.3g} {unit}", f"{theirs:.3g} {unit}" if theirs is not None else "-", ratio, goal])
+
+
+def _env(root: Path) -> dict[str, str]:
+    return {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(root), "WANDB_SILENT": "true",
+            "WANDB_DATA_DIR": str(root / "data"), "WANDB_CACHE_DIR": str(root / "cache"), "PYTHONPATH": str(ROOT)}
+
+
+def _wandb_run(root: Path) -> Any:
+    import wandb
+
+    os.environ.update(_env(root))
+    return wandb.init(project="bench", mode="offline", dir=str(root), reinit="create_new",
+                      settings=wandb.Settings(console="off"))
+
+
+# ------------------------------------------------------------------------------------------ figure 1
+
+
+def fig1_log_call(tmp: Path, calls: int) -> None:
+    from benchmarks.bench_log import bench_client, bench_wandb
+    from tests.sidecar_process import SidecarProcess
+
+    with SidecarProcess(tmp / "f1") as sidecar:
+        ours = summary_us(bench_client(sidecar.addr, calls))
+        assert sidecar.stop() == 0
+    theirs = summary_us(bench_wandb(tmp / "f1w", calls))
+    RESULTS["1_log_call"] = {"ours": ours, "wandb_inprocess": theirs}
+    _row("1", "log() median, 10 scalars", ours["median_us"], theirs["median_us"], "µs", "≤ 5 µs, ≥ 20x")
+    _row("1", "log() p99", ours["p99_us"], theirs["p99_us"], "µs", "≤ 50 µs")
+
+
+# ------------------------------------------------------------------------------------------ figure 2
+
+
+def _eval_results(n_images: int, boxes: int, h: int, w: int, classes: int, rng: np.random.Generator) -> list:
+    """mmdet 2.x results: per image (per-class (n,5) boxes, per-class RLE masks), as the eval produces."""
+    import pycocotools.mask as mask_util
+
+    results = []
+    for _ in range(n_images):
+        labels = rng.integers(0, classes, boxes)
+        xy = rng.uniform(0, [w - 60, h - 60], (boxes, 2))
+        wh = rng.uniform(10, 60, (boxes, 2))
+        dets = np.hstack([xy, xy + wh, rng.uniform(0, 1, (boxes, 1))]).astype(np.float32)
+        bbox = [dets[labels == c] for c in range(classes)]
+        segm = []
+        for c in range(classes):
+            rles = []
+            for x0, y0, x1, y1, _ in bbox[c]:
+                m = np.zeros((h, w), np.uint8, order="F")
+                m[int(y0):int(y1), int(x0):int(x1)] = 1
+                rles.append(mask_util.encode(m[:, :, None])[0])
+            segm.append(rles)
+        results.append((bbox, segm))
+    return results
+
+
+def fig2_prediction_batch(tmp: Path, reps: int) -> None:
+    from PIL import Image
+
+    from sidecar.media import MediaBuilder
+    from sidecar.wandb_sink import FileGuard
+    from tests.sidecar_process import SidecarProcess
+    from trainer_hook import SidecarClient
+    from trainer_hook.mmdet import MMDetWandbSidecarHook, _flatten_result
+
+    n, boxes, h, w, classes = 100, 20, 480, 640, 5
+    rng = np.random.default_rng(0)
+    results = _eval_results(n, boxes, h, w, classes, rng)
+    img_dir = tmp / "f2img"
+    img_dir.mkdir(parents=True)
+    paths = []
+    for i in range(n):
+        p = img_dir / f"{i:04d}.jpg"
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(p, quality=90)
+        paths.append(str(p))
+    val_body = {"class_names": [f"c{c}" for c in range(classes)], "image_names": [Path(p).name for p in paths],
+                "image_paths": paths, "gt_boxes": [np.zeros((0, 4), np.float32)] * n,
+                "gt_labels": [np.zeros(0, np.int64)] * n}
+
+    with SidecarProcess(tmp / "f2", allow_roots=[tmp]) as sidecar:
+        hook = MMDetWandbSidecarHook.__new__(MMDetWandbSidecarHook)  # the real method, without a runner
+        hook.client = SidecarClient(sidecar.addr)
+        hook.eval_hook = SimpleNamespace(latest_results=results)
+        hook.eval_image_indexs = np.arange(n)
+        hook.bbox_score_thr = 0.3
+        samples = []
+        for r in range(reps):
+            t0 = time.perf_counter_ns()
+            hook._send_predictions(f"epoch_{r}")
+            samples.append(time.perf_counter_ns() - t0)
+            assert hook.client.flush(120)
+        assert hook.client.finish(timeout=600)
+        assert sidecar.stop() == 0
+    ours = summary_us(samples)
+
+    run = _wandb_run(tmp / "f2w")
+    media = MediaBuilder(run, FileGuard([tmp]))
+    media.val_table(val_body)
+    theirs_samples = []
+    for r in range(max(1, reps // 3)):
+        flat = [_flatten_result(res) for res in results]
+        body = {"tag": f"epoch_{r}", "indices": list(range(n)), "boxes": [f[0] for f in flat],
+                "scores": [f[1] for f in flat], "labels": [f[2] for f in flat], "masks": [f[3] for f in flat],
+                "score_thr": 0.3, "aliases": ["latest", f"epoch_{r}"]}
+        t0 = time.perf_counter_ns()
+        media.pred_table(body)  # the same wandb objects upstream builds on rank 0
+        theirs_samples.append(time.perf_counter_ns() - t0)
+    run.finish()
+    theirs = summary_us(theirs_samples)
+    RESULTS["2_prediction_batch"] = {"images": n, "boxes_per_image": boxes, "ours": ours, "inprocess_table": theirs}
+    _row("2", f"pred. table stall, {n} img x {boxes} boxes+masks", ours["median_us"] / 1e3,
+         theirs["median_us"] / 1e3, "ms", "≤ 5 ms")
+
+
+# ------------------------------------------------------------------------------------------ figure 3
+
+
+def fig3_checkpoint(tmp: Path, reps: int) -> None:
+    import wandb
+
+    from tests.sidecar_process import SidecarProcess
+    from trainer_hook import SidecarClient
+
+    work = tmp / "f3work"
+    work.mkdir(parents=True)
+    ckpt = work / "epoch_1.pth"
+    with open(ckpt, "wb") as f:
+        for _ in range(200):
+            f.write(os.urandom(1 << 20))
+    with SidecarProcess(tmp / "f3", allow_roots=[tmp]) as sidecar:
+        client = SidecarClient(sidecar.addr)
+        samples = []
+        for r in range(reps):
+            t0 = time.perf_counter_ns()
+            client.log_checkpoint(ckpt, aliases=[f"epoch_{r}", "latest"], metadata={"epoch": r})
+            samples.append(time.perf_counter_ns() - t0)
+            assert client.flush(300)
+        assert client.finish(timeout=600)
+        assert sidecar.stop() == 0
+    ours = summary_us(samples)
+    run = _wandb_run(tmp / "f3w")
+    theirs_samples = []
+    for r in range(reps):
+        t0 = time.perf_counter_ns()
+        art = wandb.Artifact(f"run_{run.id}_model", type="model", metadata={"epoch": r})
+        art.add_file(str(ckpt))
+        run.log_artifact(art, aliases=[f"epoch_{r}", "latest"])
+        theirs_samples.append(time.perf_counter_ns() - t0)
+    run.finish()
+    theirs = summary_us(theirs_samples)
+    RESULTS["3_checkpoint_200MB"] = {"ours": ours, "inprocess_artifact": theirs}
+    _row("3", "announce a 200 MB checkpoint", ours["median_us"] / 1e3, theirs["median_us"] / 1e3, "ms", "≤ 1 ms")
+
+
+# ------------------------------------------------------------------------------------------ figure 4
+
+
+def _train(logger: str, tmp: Path, data_root: Path, addr: str = "") -> dict[str, Any]:
+    work = tmp / f"work-{logger}-{time.monotonic_ns()}"
+    cmd = [sys.executable, "-m", "examples.mmdet2.train", "--work-dir", str(work), "--data-root", str(data_root),
+           "--logger", logger, "--time-hooks"]
+    if addr:
+        cmd += ["--sidecar-addr", addr]
+    out = subprocess.run(cmd, env=_env(tmp / f"w-{logger}"), cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def fig4_training(tmp: Path, reps: int) -> None:
+    from examples.mmdet2.synthetic_coco import make_coco_dataset
+    from tests.sidecar_process import SidecarProcess
+
+    data_root = tmp / "f4data"
+    make_coco_dataset(data_root)
+    walls: dict[str, list[float]] = {"none": [], "upstream": [], "sidecar": []}
+    stalls: dict[str, list[float]] = {"upstream": [], "sidecar": []}
+    eval_epoch: dict[str, list[float]] = {"upstream": [], "sidecar": []}
+    with SidecarProcess(tmp / "f4", allow_roots=[tmp]) as sidecar:
+        for _ in range(reps):  # interleaved, so drift in machine load hits all three alike
+            for logger in ("none", "upstream", "sidecar"):
+                res = _train(logger, tmp, data_root, sidecar.addr if logger == "sidecar" else "")
+                walls[logger].append(res["seconds"])
+                if logger != "none":
+                    hooks = res["hook_seconds"]
+                    stalls[logger].append(sum(sum(v) for v in hooks.values()))
+                    eval_epoch[logger].append(max(hooks.get("after_train_epoch", [0.0])))
+        assert sidecar.stop() == 0
+    med = {k: statistics.median(v) for k, v in walls.items()}
+    RESULTS["4_training"] = {"wall_s": walls, "hook_stall_s": stalls, "eval_epoch_stall_s": eval_epoch,
+                             "median_wall_s": med, "ours_over_none": med["sidecar"] / med["none"],
+                             "upstream_over_none": med["upstream"] / med["none"]}
+    ROWS.append(["4", "tiny Mask R-CNN, 2 epochs: wall (none / upstream / ours)",
+                 f"{med['sidecar']:.2f} s", f"{med['upstream']:.2f} s",
+                 f"none {med['none']:.2f} s; ours {med['sidecar'] / med['none']:.3f}x", "≤ 1.02x none"])
+    s_up, s_ours = statistics.median(stalls["upstream"]), statistics.median(stalls["sidecar"])
+    _row("4", "time inside the wandb hook (whole run)", s_ours * 1e3, s_up * 1e3, "ms")
+    e_up, e_ours = statistics.median(eval_epoch["upstream"]), statistics.median(eval_epoch["sidecar"])
+    _row("4", "rank-0 stall at an evaluation epoch end", e_ours * 1e3, e_up * 1e3, "ms")
+
+
+# ------------------------------------------------------------------------------------------ figure 5
+
+
+def fig5_throughput(tmp: Path, messages: int, per_step: int) -> None:
+    import zmq
+
+    from protocol import Kind, encode
+    from tests.sidecar_process import SidecarProcess
+
+    run_id = "throughput"
+    frames = [encode(Kind.RUN_START, run_id, 1, time.time(), {"init_kwargs": {"project": "bench"}})]
+    for i in range(messages):
+        step = i // per_step
+        frames.append(encode(Kind.METRICS, run_id, i + 2, time.time(),
+                             {"data": {f"m{i % per_step}_{k}": float(i) for k in range(10)}, "step": step}))
+    frames.append(encode(Kind.RUN_FINISH, run_id, messages + 2, time.time(), {"exit_code": 0}))
+    last = messages + 2
+    with SidecarProcess(tmp / "f5") as sidecar:
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.connect(sidecar.addr)
+        batches = [[fr for m in frames[i:i + 256] for fr in m] for i in range(0, len(frames), 256)]
+        t0 = time.perf_counter()
+        for batch in batches:  # as the client sends: what is ready goes out 256 messages to a multipart
+            sock.send_multipart(batch)
+        acked = 0
+        while acked < last:
+            for reply in [sock.recv_multipart()]:
+                from protocol import decode
+
+                msg = decode(reply)
+                if msg.kind is Kind.ACK:
+                    acked = max(acked, msg.seq)
+        t_journaled = time.perf_counter() - t0
+        sidecar.wait_for(lambda s: s["runs"][run_id]["state"] == "finished", timeout=1800)
+        t_delivered = time.perf_counter() - t0
+        log_calls = sidecar.status()["runs"][run_id]["wandb"].get("log_calls", 0)
+        sock.close(0)
+        ctx.term()
+        assert sidecar.stop() == 0
+    RESULTS["5_throughput"] = {"messages": messages, "messages_per_step": per_step,
+                               "journaled_per_s": messages / t_journaled, "delivered_per_s": messages / t_delivered,
+                               "wandb_log_calls": log_calls}
+    ROWS.append(["5", f"sidecar: {messages} msgs ({per_step}/step), received+journaled+acked",
+                 f"{messages / t_journaled:,.0f} msg/s", "-", "-", "≥ 100,000/s"])
+    ROWS.append(["5", f"sidecar: delivered into wandb ({log_calls} log calls)",
+                 f"{messages / t_delivered:,.0f} msg/s", "-", "-", "coalesced"])
+
+
+# ------------------------------------------------------------------------------------------ figure 6
+
+_MEMORY_PROBE = """
+import json, resource, sys, gc
+from trainer_hook import SidecarClient
+calls, bound, spill = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+def rss(): return int(open('/proc/self/statm').read().split()[1]) * 4096
+c = SidecarClient(sys.argv[4], max_backlog_bytes=bound, max_pending=10_000, spill_dir=None if spill == '-' else spill,
+                  max_spill_bytes=4 * bound)
+for i in range(20_000): c.log({f"train/m{k}": i * 0.5 + k for k in range(10)}, step=i)
+gc.collect(); base = rss(); peak = base
+for i in range(20_000, calls):
+    c.log({f"train/m{k}": i * 0.5 + k for k in range(10)}, step=i)
+    if i % 50_000 == 0: peak = max(peak, rss())
+gc.collect(); peak = max(peak, rss())
+print(json.dumps({"base": base, "peak": peak, "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                  "stats": c.stats()}))
+c.finish(timeout=0.5)
+"""
+
+
+def fig6_memory(tmp: Path, calls: int) -> None:
+    from tests.sidecar_process import free_port
+
+    bound = 32 * 1024 * 1024
+    out: dict[str, Any] = {}
+    for label, spill in (("memory only", "-"), ("with disk spill", str(tmp / "spill"))):
+        res = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(calls), str(bound), spill,
+                              f"tcp://127.0.0.1:{free_port()}"], capture_output=True, text=True, cwd=ROOT,
+                             env=_env(tmp), timeout=1800)
+        assert res.returncode == 0, res.stderr[-2000:]
+        r = json.loads(res.stdout.strip().splitlines()[-1])
+        growth = (r["peak"] - r["base"]) / 2**20
+        out[label] = {**r, "growth_mb": growth, "bound_mb": bound / 2**20}
+        ROWS.append(["6", f"client RSS growth, sidecar down, {calls:,} calls ({label})", f"{growth:.1f} MB",
+                     "-", "-", f"backlog bound {bound / 2**20:.0f} MB (+ pending 10k)"])
+    RESULTS["6_memory"] = out
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
+    p.add_argument("--only", default="1,2,3,4,5,6")
+    p.add_argument("--out", default="bench-out/results.json")
+    a = p.parse_args()
+    only = {int(x) for x in a.only.split(",")}
+    q = a.quick
+    with tempfile.TemporaryDirectory(prefix="wandb-sidecar-bench-") as t:
+        tmp = Path(t)
+        steps = [
+            (1, lambda: fig1_log_call(tmp, 5_000 if q else 20_000)),
+            (2, lambda: fig2_prediction_batch(tmp, 3 if q else 9)),
+            (3, lambda: fig3_checkpoint(tmp, 2 if q else 5)),
+            (4, lambda: fig4_training(tmp, 1 if q else 3)),
+            (5, lambda: fig5_throughput(tmp, 20_000 if q else 200_000, 4)),
+            (6, lambda: fig6_memory(tmp, 100_000 if q else 1_000_000)),
+        ]
+        for n, fn in steps:
+            if n in only:
+                print(f"... figure {n}", file=sys.stderr, flush=True)
+                fn()
+                gc.collect()
+    print(table(ROWS, ["#", "what", "ours", "in-process / upstream", "ratio", "goal"]))
+    write_json(Path(a.out), {"results": RESULTS, "table": ROWS})
+    print(f"(JSON: {a.out})")
+
+
+if __name__ == "__main__":
+    main()
