@@ -22,7 +22,8 @@ def free_port() -> int:
 
 class SidecarProcess:
     def __init__(self, root: Path, *args: str, port: int | None = None, env: dict[str, str] | None = None,
-                 allow_roots: list[Path] | None = None, bind_host: str = "127.0.0.1") -> None:
+                 allow_roots: list[Path] | None = None, bind_host: str = "127.0.0.1",
+                 module: str = "sidecar") -> None:
         self.root = root
         self.port = port or free_port()
         self.addr = f"tcp://127.0.0.1:{self.port}"  # where clients connect
@@ -31,6 +32,7 @@ class SidecarProcess:
         self.journal = root / "journal"
         self.log_path = root / f"sidecar-{self.port}.log"
         self.args = list(args)
+        self.module = module  # tests.fault_sidecar: the same sidecar with a fault injected
         self.allow_roots = allow_roots or [root]
         self.env = {
             **os.environ,
@@ -45,7 +47,7 @@ class SidecarProcess:
 
     def start(self, wait: bool = True) -> "SidecarProcess":
         self.wandb_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "sidecar", "serve", "--bind", self.bind, "--journal-dir", str(self.journal),
+        cmd = [sys.executable, "-m", self.module, "serve", "--bind", self.bind, "--journal-dir", str(self.journal),
                *[a for r in self.allow_roots for a in ("--allow-root", str(r))], *self.args]
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from sidecar.readback import read_runs
 from tests.sidecar_process import SidecarProcess
@@ -50,21 +54,25 @@ def test_sidecar_sigkilled_five_times_mid_stream_loses_and_duplicates_nothing(tm
     assert run.exit_code == 0
 
 
-def test_sidecar_starting_late_and_going_away_loses_nothing(tmp_path: Path) -> None:
+def test_sidecar_starting_30s_late_and_going_away_loses_nothing(tmp_path: Path) -> None:
     port_holder = SidecarProcess(tmp_path)
     client = SidecarClient(port_holder.addr, run_id="patient", ack_timeout=0.3)
-    for step in range(3000):  # the sidecar is not there yet
+    step, started = 0, time.monotonic()
+    while time.monotonic() - started < 30:  # training runs 30 s before the sidecar exists: ~100 steps/s
         client.log({f"train/m{i}": value(step, i) for i in range(4)}, step=step)
+        step += 1
+        client.flush(timeout=0.01)  # paces the loop (returns False: nothing can be acknowledged yet)
     assert client.stats()["acked_seq"] == 0
+    first = step
     sidecar = port_holder.start()
     assert client.flush(timeout=60)
     assert sidecar.stop() == 0  # a polite stop this time, in the middle of training
-    for step in range(3000, 6000):
+    for step in range(first, first + 3000):
         client.log({f"train/m{i}": value(step, i) for i in range(4)}, step=step)
     sidecar = SidecarProcess(tmp_path, port=sidecar.port).start()
     assert client.finish(timeout=60), client.stats()
     assert sidecar.stop() == 0
-    _assert_exact_history(read_runs(sidecar.wandb_dir)["patient"], 6000, 4)
+    _assert_exact_history(read_runs(sidecar.wandb_dir)["patient"], first + 3000, 4)
 
 
 def test_sigkilled_trainer_is_declared_dead_and_others_untouched(tmp_path: Path) -> None:
@@ -112,3 +120,104 @@ def test_checkpoint_deleted_right_after_announcement_is_uploaded_byte_for_byte(s
     assert int(entry["size"]) == len(data)
     assert entry["digest"] == base64.b64encode(hashlib.md5(data).digest()).decode()
     assert Path(entry["local_path"]).read_bytes() == data
+
+
+def test_trainer_that_comes_back_after_being_declared_dead_resumes_its_run(tmp_path: Path) -> None:
+    sidecar = SidecarProcess(tmp_path, "--heartbeat-timeout", "2").start()
+    script = (
+        "import sys; from trainer_hook import SidecarClient\n"
+        f"c = SidecarClient({sidecar.addr!r}, run_id='lazarus', heartbeat_interval=0.5)\n"
+        "[c.log({'x': float(s)}, step=s) for s in range(100)]\n"
+        "c.flush(30); print('paused', flush=True); sys.stdin.readline()\n"
+        "[c.log({'x': float(s)}, step=s) for s in range(100, 200)]\n"
+        "sys.exit(0 if c.finish(timeout=60) else 3)\n")
+    trainer = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
+    assert trainer.stdout is not None and trainer.stdin is not None
+    assert trainer.stdout.readline().strip() == "paused"
+    os.kill(trainer.pid, signal.SIGSTOP)  # frozen: no heartbeats
+    sidecar.wait_for(lambda s: s["runs"]["lazarus"]["state"] == "lost", timeout=30)
+    os.kill(trainer.pid, signal.SIGCONT)
+    trainer.stdin.write("go\n")
+    trainer.stdin.flush()
+    assert trainer.wait(120) == 0
+    assert sidecar.stop() == 0
+    run = read_runs(sidecar.wandb_dir)["lazarus"]
+    assert len(run.dirs) == 2  # finished as lost, then resumed
+    assert [r["x"] for r in run.history] == [float(s) for s in range(200)]
+    assert run.exit_codes == [255, 0]
+
+
+def test_memory_stays_bounded_with_the_sidecar_down_for_the_whole_run(tmp_path: Path) -> None:
+    probe = (
+        "import gc, json, sys\n"
+        "from trainer_hook import SidecarClient\n"
+        "from tests.sidecar_process import free_port\n"
+        "def rss(): return int(open('/proc/self/statm').read().split()[1]) * 4096\n"
+        "spill = sys.argv[1]\n"
+        "c = SidecarClient(f'tcp://127.0.0.1:{free_port()}', max_backlog_bytes=8 << 20, max_pending=10_000,\n"
+        "                  spill_dir=None if spill == '-' else spill, max_spill_bytes=32 << 20)\n"
+        "for i in range(20_000): c.log({f'train/m{k}': i * 0.5 + k for k in range(10)}, step=i)\n"
+        "gc.collect(); base = peak = rss()\n"
+        "for i in range(20_000, 400_000):\n"
+        "    c.log({f'train/m{k}': i * 0.5 + k for k in range(10)}, step=i)\n"
+        "    if i % 20_000 == 0: peak = max(peak, rss())\n"
+        "print(json.dumps({'growth': peak - base, **c.stats()}), flush=True)\n"
+        "c.finish(timeout=0.1)\n")
+    for spill in ("-", str(tmp_path / "spill")):
+        out = subprocess.run([sys.executable, "-c", probe, spill], cwd=ROOT, capture_output=True, text=True,
+                             timeout=600)
+        assert out.returncode == 0, out.stderr
+        stats = json.loads(out.stdout.splitlines()[-1])
+        assert stats["backlog_bytes"] <= 8 << 20
+        assert stats["spill_bytes"] <= 32 << 20
+        # 380,000 calls of ~250 bytes do not fit: refused when the hand-off queue is full, or oldest dropped
+        assert stats.get("dropped_backlog_full", 0) + stats.get("dropped_queue_full", 0) > 0
+        if spill != "-":
+            assert stats["spilled"] > 0
+        # 8 MiB backlog + 10,000 pending dicts (~1.2 KB each) + allocator slack; unbounded would be ~400 MB
+        assert stats["growth"] < 48 << 20, stats
+
+
+def test_journal_disk_full_is_a_clear_error_and_delivery_resumes_when_space_returns(tmp_path: Path) -> None:
+    journal = tmp_path / "journal"
+    journal.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(journal)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    try:
+        filler = journal / "filler"
+        st = os.statvfs(journal)
+        filler.write_bytes(b"\0" * (st.f_bavail * st.f_frsize - 64 * 1024))  # leave 64 KiB
+        sidecar = SidecarProcess(tmp_path).start()
+        client = SidecarClient(sidecar.addr, run_id="diskfull", ack_timeout=0.3)
+        for step in range(3000):  # ~1 MB of journal: far more than the free space
+            assert client.log({f"train/m{i}": value(step, i) for i in range(4)}, step=step)
+        status = sidecar.wait_for(lambda s: s["counters"].get("journal_errors", 0) > 0)
+        assert "No space left on device" in status["last_error"]
+        assert "journal write failed" in sidecar.log()
+        assert client.flush(timeout=1) is False  # not acknowledged: the client keeps it all
+        assert client.stats()["acked_seq"] < 3001
+        filler.unlink()  # space returns
+        assert client.finish(timeout=120), client.stats()
+        assert sidecar.stop() == 0
+        _assert_exact_history(read_runs(sidecar.wandb_dir)["diskfull"], 3000, 4)
+    finally:
+        subprocess.run(["umount", "-l", str(journal)], capture_output=True)
+
+
+def test_wandb_init_failures_are_retried_and_never_reach_the_trainer(tmp_path: Path) -> None:
+    sidecar = SidecarProcess(tmp_path, module="tests.fault_sidecar", env={"FAULT_INIT_FAILURES": "2"}).start()
+    client = SidecarClient(sidecar.addr, run_id="flaky")
+    for step in range(500):
+        assert client.log({"x": float(step)}, step=step)
+    assert client.flush(timeout=30)  # journaled and acknowledged while wandb is still failing
+    status = sidecar.wait_for(lambda s: "injected" in s["runs"]["flaky"]["last_error"])
+    assert status["runs"]["flaky"]["delivered_seq"] == 0
+    # after 1 s + 2 s of backoff; the newest step stays open until the run ends, so 500 of 501
+    sidecar.wait_for(lambda s: s["runs"]["flaky"]["delivered_seq"] >= 500, timeout=60)
+    assert client.finish(timeout=30)
+    assert sidecar.stop() == 0
+    assert sidecar.log().count("retrying in") == 2
+    assert [r["x"] for r in read_runs(sidecar.wandb_dir)["flaky"].history] == [float(s) for s in range(500)]

@@ -107,8 +107,8 @@ class Outbox:
         spill = self.spill
         if spill is None or (not spill.count and self.memory_bytes + item.nbytes <= self.max_memory_bytes):
             self._to_memory(item)
-            if spill is None and self.memory_bytes > self.max_memory_bytes:
-                self._drop_oldest(keep=item)
+            while spill is None and self.memory_bytes > self.max_memory_bytes and self._drop_oldest(keep=item):
+                pass
             return
         if spill.nbytes + item.nbytes > self.max_spill_bytes and not self._make_room(item):
             return
