@@ -67,9 +67,17 @@ def fig1_log_call(tmp: Path, calls: int) -> None:
         ours = summary_us(bench_client(sidecar.addr, calls))
         assert sidecar.stop() == 0
     theirs = summary_us(bench_wandb(tmp / "f1w", calls))
-    RESULTS["1_log_call"] = {"ours": ours, "wandb_inprocess": theirs}
+    imports = {m: statistics.median(_import_seconds(m) for _ in range(5)) for m in ("trainer_hook", "wandb")}
+    RESULTS["1_log_call"] = {"ours": ours, "wandb_inprocess": theirs, "import_s": imports}
     _row("1", "log() median, 10 scalars", ours["median_us"], theirs["median_us"], "µs", "≤ 5 µs, ≥ 20x")
     _row("1", "log() p99", ours["p99_us"], theirs["p99_us"], "µs", "≤ 50 µs")
+    _row("1", "import trainer_hook vs import wandb", imports["trainer_hook"] * 1e3, imports["wandb"] * 1e3, "ms")
+
+
+def _import_seconds(module: str) -> float:
+    code = f"import time; t = time.perf_counter(); import {module}; print(time.perf_counter() - t)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 # ------------------------------------------------------------------------------------------ figure 2

@@ -46,19 +46,20 @@ class RunWorker(threading.Thread):
         self.last_error = ""
         self.state = "starting"
         self.finished_with: int | None = None
-        self._abort = threading.Event()
+        self._stopping = threading.Event()
         self._last_mark = 0.0
 
     def submit(self, msg: Message) -> None:
         self.queue.put(msg)
 
     def stop(self, exit_code: int | None = None) -> None:
-        """Finish after what is queued; ``exit_code`` None means the trainer did not finish (SIGTERM)."""
-        self.queue.put((_STOP, exit_code))
+        """Finish after what is queued; ``exit_code`` None means the trainer did not finish (SIGTERM).
 
-    def abort(self) -> None:
-        """Give up waiting on wandb (second SIGTERM)."""
-        self._abort.set()
+        On SIGTERM a run still waiting for ``wandb.init`` gives up at once: its messages stay in the
+        journal for the next start."""
+        if exit_code is None:
+            self._stopping.set()
+        self.queue.put((_STOP, exit_code))
 
     # ------------------------------------------------------------------------------------ loop
 
@@ -88,9 +89,12 @@ class RunWorker(threading.Thread):
                     self.sink._count(f"failed_{msg.kind}")
                     return
                 self.state = "retrying"
-                log.error("run %s: %s; retrying in %.0f s", self.run_id, self.last_error, delay)
-                if self._abort.wait(delay):
+                if self._stopping.is_set():
+                    log.error("run %s: %s; stopping: it stays in the journal for the next start",
+                              self.run_id, self.last_error)
                     raise SystemExit from exc
+                log.error("run %s: %s; retrying in %.0f s", self.run_id, self.last_error, delay)
+                self._stopping.wait(delay)
                 delay = min(delay * 2, self.retry_max)
 
     def _apply(self, msg: Message) -> None:

@@ -161,3 +161,43 @@ def test_sigterm_mid_stream_keeps_everything_acknowledged(sidecar: SidecarProces
     assert len(steps) >= acked - 1
     assert [row["x"] for row in run.history] == [float(s) for s in steps]
     assert run.exit_code == 0
+
+
+def test_uncaught_exception_finishes_the_run_as_failed(sidecar: SidecarProcess) -> None:
+    script = ("from trainer_hook import SidecarClient\n"
+              f"c = SidecarClient({sidecar.addr!r}, run_id='crashed')\n"
+              "[c.log({'x': float(s)}, step=s) for s in range(20)]\n"
+              "raise RuntimeError('CUDA out of memory')\n")
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "CUDA out of memory" in out.stderr
+    sidecar.wait_for(lambda s: s["runs"]["crashed"]["state"] == "finished")
+    assert sidecar.stop() == 0
+    run = read_runs(sidecar.wandb_dir)["crashed"]
+    assert run.exit_code == 1
+    assert len(run.history) == 20  # what was logged before the crash is there
+
+
+def test_forked_children_are_inert_and_the_parent_goes_on(sidecar: SidecarProcess) -> None:
+    import os
+
+    client = SidecarClient(sidecar.addr, run_id="forky")
+    client.log({"x": 0.0}, step=0)
+    pid = os.fork()
+    if pid == 0:  # a dataloader worker: must not speak for the parent's run
+        ok = client.log({"x": 99.0}, step=1) or client.finish(timeout=1)
+        os._exit(1 if ok else 0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    for step in range(1, 10):
+        client.log({"x": float(step)}, step=step)
+    assert client.finish(timeout=30)
+    assert sidecar.stop() == 0
+    assert [r["x"] for r in read_runs(sidecar.wandb_dir)["forky"].history] == [float(s) for s in range(10)]
+
+
+def test_trainer_side_imports_no_wandb_and_no_torch() -> None:
+    code = ("import sys, time; t = time.perf_counter(); import trainer_hook; "
+            "print(time.perf_counter() - t, 'wandb' in sys.modules, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    _, has_wandb, has_torch = out.stdout.split()
+    assert (has_wandb, has_torch) == ("False", "False")

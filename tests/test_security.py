@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -114,3 +116,74 @@ def test_api_key_never_appears_in_logs(tmp_path: Path) -> None:
     assert key not in text and key not in str(st)
     for path in proc.wandb_dir.rglob("*.log"):
         assert key not in path.read_text(errors="replace"), path
+
+
+def _mutations(rng: random.Random, frames: list[bytes]) -> list[bytes]:
+    """One random corruption of a valid message: flipped bytes, cuts, extra or missing frames."""
+    frames = list(frames)
+    choice = rng.randrange(6)
+    i = rng.randrange(len(frames))
+    f = bytearray(frames[i])
+    if choice == 0 and f:
+        for _ in range(rng.randint(1, 4)):
+            f[rng.randrange(len(f))] = rng.randrange(256)
+        frames[i] = bytes(f)
+    elif choice == 1:
+        frames[i] = bytes(f[: rng.randrange(len(f) + 1)])
+    elif choice == 2:
+        frames.insert(rng.randrange(len(frames) + 1), rng.randbytes(rng.randint(0, 64)))
+    elif choice == 3 and len(frames) > 1:
+        del frames[i]
+    elif choice == 4:
+        frames = frames * rng.randint(2, 4)
+    else:
+        frames[i] = bytes(f) + rng.randbytes(rng.randint(1, 32))
+    return frames
+
+
+def test_fuzzing_a_live_sidecar_rejects_garbage_and_keeps_serving(sidecar: SidecarProcess, tmp_path: Path) -> None:
+    import numpy as np
+    import zmq
+
+    from protocol import Kind, encode
+
+    rng = random.Random(1234)
+    valid = [
+        encode(Kind.RUN_START, "fuzz", 1, 0.0, {"init_kwargs": {"project": "fuzz"}}),
+        encode(Kind.METRICS, "fuzz", 2, 0.0, {"data": {"loss": 0.5, "acc": 1}, "step": 3}),
+        encode(Kind.CHECKPOINT, "fuzz", 3, 0.0, {"path": str(tmp_path / "x.pth"), "aliases": ["latest"]}),
+        encode(Kind.PRED_BATCH, "fuzz", 4, 0.0, {"tag": "epoch_1", "indices": [0], "boxes": [np.ones((2, 4), np.float32)],
+                                                 "scores": [np.ones(2, np.float32)], "labels": [np.zeros(2, np.int64)]}),
+        encode(Kind.HEARTBEAT, "fuzz", 0, 0.0, {}),
+    ]
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(sidecar.addr)
+    sent = 0
+    for n in range(30_000):
+        if n % 3 == 0:
+            frames = [rng.randbytes(rng.randint(0, 80)) for _ in range(rng.randint(1, 4))]
+        else:
+            frames = _mutations(rng, rng.choice(valid))
+        sock.send_multipart(frames)
+        sent += 1
+    status = sidecar.wait_for(lambda s: s["counters"]["received_multiparts"] >= sent, timeout=120)
+    sock.close()
+    ctx.term()
+    assert status["counters"].get("internal_errors", 0) == 0
+    rejected = sum(status["rejected"].values())
+    assert rejected > 10_000, status["rejected"]
+    assert {"malformed", "invalid_field"} <= set(status["rejected"])
+
+    client = SidecarClient(sidecar.addr, run_id="survivor")
+    for step in range(300):
+        client.log({"x": float(step), "nan": math.nan, "inf": math.inf}, step=step)
+    assert client.finish(timeout=60)
+    assert sidecar.stop() == 0
+    run = read_runs(sidecar.wandb_dir)["survivor"]
+    assert [r["x"] for r in run.history] == [float(s) for s in range(300)]
+    # NaN and inf keep wandb's own behaviour: stored as the strings wandb writes for them
+    assert {str(r["nan"]).lower() for r in run.history} == {"nan"}
+    assert {str(r["inf"]).lower() for r in run.history} in ({"inf"}, {"infinity"})
