@@ -9,7 +9,13 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.sidecar_process import SidecarProcess  # noqa: E402
+from tests.sidecar_process import SidecarProcess, kill_leftovers  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_sidecars():
+    yield
+    kill_leftovers()
 
 
 @pytest.fixture

@@ -20,6 +20,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_started: list["SidecarProcess"] = []
+
+
+def kill_leftovers() -> None:
+    """Kill sidecars a failed test left running (tests that start them without ``with``)."""
+    while _started:
+        proc = _started.pop()
+        if proc.proc is not None and proc.proc.poll() is None:
+            proc.kill()
+
+
 class SidecarProcess:
     def __init__(self, root: Path, *args: str, port: int | None = None, env: dict[str, str] | None = None,
                  allow_roots: list[Path] | None = None, bind_host: str = "127.0.0.1",
@@ -51,6 +62,7 @@ class SidecarProcess:
                *[a for r in self.allow_roots for a in ("--allow-root", str(r))], *self.args]
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+        _started.append(self)
         if wait:
             self.wait_ready()
         return self
