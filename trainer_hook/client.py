@@ -155,7 +155,6 @@ class SidecarClient:
         self._counters: collections.Counter[str] = collections.Counter()
         self._warned: set[str] = set()
         self._stop = threading.Event()
-        self._finish_seq = -1
         self._acked = 0
         self._delivered: int | None = None
 
@@ -262,6 +261,8 @@ class SidecarClient:
         out["spill_bytes"] = self._io.outbox.spill_bytes
         out["unacked"] = len(self._io.window)
         out["acked_seq"] = self._acked
+        if self._delivered is not None:
+            out["delivered_seq"] = self._delivered  # the sidecar's word on what reached wandb
         return out
 
     def _warn_once(self, key: str, message: str, *args: Any) -> None:
