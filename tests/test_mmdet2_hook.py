@@ -51,8 +51,9 @@ def _train(logger: str, work: Path, data_root: Path, wandb_dir: Path, *args: str
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
 
 
-def _ours(tmp_path: Path, data_root: Path, *args: str) -> tuple[RunRecords, SidecarProcess]:
-    with SidecarProcess(tmp_path, allow_roots=[tmp_path, data_root]) as sidecar:
+def _ours(tmp_path: Path, data_root: Path, *args: str, sees_data: bool = True) -> tuple[RunRecords, SidecarProcess]:
+    roots = [tmp_path, data_root] if sees_data else [tmp_path]
+    with SidecarProcess(tmp_path, allow_roots=roots) as sidecar:
         _train("sidecar", tmp_path / "work_dirs", data_root, tmp_path / "trainer_wandb", *args, addr=sidecar.addr)
         assert sidecar.stop() == 0
     runs = read_runs(sidecar.wandb_dir)
@@ -86,6 +87,8 @@ def _check_val_table(run: RunRecords) -> None:
 
 
 def _check_pred_tables(run: RunRecords, tags: list[str]) -> None:
+    val = run.artifacts_named("val")
+    val_images = {name: image["path"] for name, image in val[0].table("val_data")["data"]} if val else {}
     preds = run.artifacts_named(f"run_{run.run_id}_pred")
     assert [a.type for a in preds] == ["evaluation"] * len(tags)
     assert [sorted(a.aliases) for a in preds] == [sorted(["latest", t]) for t in tags]
@@ -94,8 +97,10 @@ def _check_pred_tables(run: RunRecords, tags: list[str]) -> None:
         table = art.table("eval_data")
         assert table["columns"] == ["image_name", "ground_truth", "prediction"]
         assert len(table["data"]) == NUM_EVAL_IMAGES
-        for _, gt, pred in table["data"]:
+        for name, gt, pred in table["data"]:
             assert gt["path"].startswith("media/images/")
+            if val_images:  # the image is uploaded once: prediction rows point at the val table's file
+                assert gt["path"] == val_images[name]
             for box in pred["boxes"]["predictions"]:
                 name, score = box["box_caption"].rsplit(" ", 1)
                 assert name == CLASSES[box["class_id"] - 1] and float(score) > 0.3 - 0.005  # thr, 2 decimals
@@ -151,9 +156,12 @@ def test_epoch_run_matches_upstream_except_documented_differences(tmp_path: Path
     assert ours.exit_code == upstream.exit_code == 0
 
 
-def test_iteration_runner_keeps_val_rows_and_checkpoints_survive_max_keep_ckpts(tmp_path: Path,
+def test_iteration_runner_keeps_val_rows_checkpoints_survive_max_keep_ckpts_images_as_bytes(tmp_path: Path,
                                                                                  data_root: Path) -> None:
-    run, _ = _ours(tmp_path, data_root, "--by-iter", "--max-iters", "24", "--max-keep-ckpts", "1")
+    # and a sidecar that cannot see the dataset: the hook sends the images' bytes
+    run, _ = _ours(tmp_path, data_root, "--by-iter", "--max-iters", "24", "--max-keep-ckpts", "1",
+                   "--hook-args", json.dumps({"send_image_bytes": True}), sees_data=False)
+    _check_val_table(run)
     assert run.steps() == list(range(1, 25))
     # upstream drops both of these rows (mmdet#7000): ours keeps them
     assert [row["_step"] for row in run.history if "val/bbox_mAP" in row] == [12, 24]
