@@ -23,8 +23,6 @@ from protocol import (
     SEQUENCED,
     Header,
     Kind,
-    LimitExceeded,
-    MalformedFrame,
     Message,
     ProtocolError,
     decode_body,
@@ -32,7 +30,7 @@ from protocol import (
     encode,
     split,
 )
-from protocol.limits import MAX_FRAME_BYTES, MAX_FRAMES
+from protocol.limits import MAX_FRAME_BYTES
 
 from .journal import Journal, JournalError
 from .run_worker import LOST_EXIT_CODE, RunWorker
@@ -45,6 +43,7 @@ class PathRefused(ProtocolError):
     """A message names a file outside the sidecar's allowed roots."""
 
     reason = "path_refused"
+
 
 BATCH = 2000
 #: Sidecar-wide counters always present in ``status()["counters"]`` (0 until they happen).

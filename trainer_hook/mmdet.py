@@ -16,7 +16,6 @@ Deliberate differences from upstream (each documented in the README):
 
 from __future__ import annotations
 
-import os
 import os.path as osp
 import warnings
 from typing import Any, Sequence
@@ -108,7 +107,7 @@ class MMDetWandbSidecarHook(LoggerHook):
         for metric, summary in (self.define_metric_cfg or {}).items():
             if summary not in _SUMMARY_CHOICES:
                 warnings.warn(f"summary should be in {list(_SUMMARY_CHOICES)}. "
-                              f"metric={metric}, summary={summary} will be skipped.")
+                              f"metric={metric}, summary={summary} will be skipped.", stacklevel=2)
             out.append({"name": metric, "summary": summary})  # upstream passes it on regardless
         return out
 
