@@ -22,6 +22,9 @@ log = logging.getLogger("sidecar.worker")
 _STOP = object()
 #: Exit code given to a run whose trainer stopped sending heartbeats.
 LOST_EXIT_CODE = 255
+#: Tries of a checkpoint or table upload before it is skipped (and counted as ``failed_<kind>``).
+ARTIFACT_ATTEMPTS = 3
+_ARTIFACT_KINDS = frozenset({Kind.CHECKPOINT, Kind.VAL_DATA, Kind.PRED_BATCH})
 
 
 class RunWorker(threading.Thread):
@@ -77,19 +80,26 @@ class RunWorker(threading.Thread):
                 self._mark_delivered()
 
     def _apply_with_retry(self, msg: Message) -> None:
-        delay = 1.0
+        """``wandb.init`` is retried until it works (or SIGTERM); an artifact (checkpoint, table) a few
+        times; metrics not (a failing ``log`` is a bad value, not a transient fault)."""
+        delay, attempts = 1.0, 0
         while True:
             try:
                 self._apply(msg)
+                if self.state == "retrying":
+                    self.state = "running"
                 return
             except Exception as exc:  # wandb raises anything; a failed message must not kill the run
+                attempts += 1
                 self.last_error = f"{msg.kind} seq {msg.seq}: {type(exc).__name__}: {exc}"
-                if msg.kind is not Kind.RUN_START:
-                    log.error("run %s: %s (skipped)", self.run_id, self.last_error)
+                give_up = msg.kind is not Kind.RUN_START and (
+                    msg.kind not in _ARTIFACT_KINDS or attempts >= ARTIFACT_ATTEMPTS or self._stopping.is_set())
+                if give_up:
+                    log.error("run %s: %s (skipped after %d attempt(s))", self.run_id, self.last_error, attempts)
                     self.sink._count(f"failed_{msg.kind}")
                     return
                 self.state = "retrying"
-                if self._stopping.is_set():
+                if self._stopping.is_set():  # only a run start gets here while stopping
                     log.error("run %s: %s; stopping: it stays in the journal for the next start",
                               self.run_id, self.last_error)
                     raise SystemExit from exc

@@ -1,5 +1,6 @@
-"""The real sidecar with one injected fault the real wandb cannot be made to show on demand:
-``wandb.init`` raising its first ``FAULT_INIT_FAILURES`` calls (an unreachable wandb server, say).
+"""The real sidecar with faults the real wandb cannot be made to show on demand: ``wandb.init``
+raising its first ``FAULT_INIT_FAILURES`` calls (an unreachable wandb server, say), ``Run.log_artifact``
+its first ``FAULT_ARTIFACT_FAILURES`` calls (a failed upload).
 
     python -m tests.fault_sidecar serve ...   (same arguments as ``wandb-sidecar``)
 """
@@ -12,19 +13,20 @@ import wandb
 
 from sidecar.cli import main
 
-_real_init = wandb.init
-_left = int(os.environ.get("FAULT_INIT_FAILURES", "0"))
+def _failing(real, env: str, what: str):  # type: ignore[no-untyped-def]
+    left = [int(os.environ.get(env, "0"))]
+
+    def call(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if left[0] > 0:
+            left[0] -= 1
+            raise wandb.errors.CommError(f"injected: {what}")
+        return real(*args, **kwargs)
+
+    return call
 
 
-def _failing_init(*args, **kwargs):  # type: ignore[no-untyped-def]
-    global _left
-    if _left > 0:
-        _left -= 1
-        raise wandb.errors.CommError("injected: wandb server unreachable")
-    return _real_init(*args, **kwargs)
-
-
-wandb.init = _failing_init
+wandb.init = _failing(wandb.init, "FAULT_INIT_FAILURES", "wandb server unreachable")
+wandb.Run.log_artifact = _failing(wandb.Run.log_artifact, "FAULT_ARTIFACT_FAILURES", "upload failed")
 
 if __name__ == "__main__":
     main()

@@ -221,3 +221,17 @@ def test_wandb_init_failures_are_retried_and_never_reach_the_trainer(tmp_path: P
     assert sidecar.stop() == 0
     assert sidecar.log().count("retrying in") == 2
     assert [r["x"] for r in read_runs(sidecar.wandb_dir)["flaky"].history] == [float(s) for s in range(500)]
+
+
+def test_a_failed_checkpoint_upload_is_retried(tmp_path: Path) -> None:
+    sidecar = SidecarProcess(tmp_path, module="tests.fault_sidecar", env={"FAULT_ARTIFACT_FAILURES": "2"}).start()
+    ckpt = tmp_path / "epoch_1.pth"
+    ckpt.write_bytes(b"w" * 10_000)
+    client = SidecarClient(sidecar.addr, run_id="uploads")
+    client.log_checkpoint(ckpt, aliases=["epoch_1", "latest"])
+    assert client.finish(timeout=30)
+    sidecar.wait_for(lambda s: s["runs"]["uploads"]["state"] == "finished", timeout=60)  # after 1 s + 2 s
+    assert sidecar.stop() == 0
+    assert sidecar.log().count("injected: upload failed") >= 2
+    [art] = read_runs(sidecar.wandb_dir)["uploads"].artifacts
+    assert sorted(art.aliases) == ["epoch_1", "latest"] and int(art.files["epoch_1.pth"]["size"]) == 10_000
