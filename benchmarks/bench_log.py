@@ -39,6 +39,28 @@ def bench_client(addr: str, calls: int) -> list[int]:
     return samples
 
 
+def bench_client_down(calls: int, spill_dir: Path) -> list[int]:
+    """The same calls with no sidecar listening: the backlog fills and spills to disk, the caller
+    must not notice."""
+    from tests.sidecar_process import free_port
+    from trainer_hook import SidecarClient
+
+    client = SidecarClient(f"tcp://127.0.0.1:{free_port()}", max_backlog_bytes=4 << 20, spill_dir=spill_dir)
+    samples = []
+    clock = time.perf_counter_ns
+    gc.disable()
+    try:
+        for step in range(calls):
+            data = {f"train/m{i}": step * 0.001 + i for i in range(10)}
+            t0 = clock()
+            client.log(data, step=step)
+            samples.append(clock() - t0)
+    finally:
+        gc.enable()
+    client.finish(timeout=0.1)
+    return samples
+
+
 def bench_wandb(root: Path, calls: int) -> list[int]:
     import wandb
 

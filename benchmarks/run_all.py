@@ -59,17 +59,21 @@ def _wandb_run(root: Path) -> Any:
 
 
 def fig1_log_call(tmp: Path, calls: int) -> None:
-    from benchmarks.bench_log import bench_client, bench_wandb
+    from benchmarks.bench_log import bench_client, bench_client_down, bench_wandb
     from tests.sidecar_process import SidecarProcess
 
     with SidecarProcess(tmp / "f1") as sidecar:
         ours = summary_us(bench_client(sidecar.addr, calls))
         assert sidecar.stop() == 0
     theirs = summary_us(bench_wandb(tmp / "f1w", calls))
+    down = summary_us(bench_client_down(calls, tmp / "f1spill"))
     imports = {m: statistics.median(_import_seconds(m) for _ in range(5)) for m in ("trainer_hook", "wandb")}
-    RESULTS["1_log_call"] = {"ours": ours, "wandb_inprocess": theirs, "import_s": imports}
+    RESULTS["1_log_call"] = {"ours": ours, "wandb_inprocess": theirs, "ours_sidecar_down": down,
+                             "import_s": imports}
     _row("1", "log() median, 10 scalars", ours["median_us"], theirs["median_us"], "µs", "≤ 5 µs, ≥ 20x")
     _row("1", "log() p99", ours["p99_us"], theirs["p99_us"], "µs", "≤ 50 µs")
+    _row("1", "log() median / p99, sidecar down (spilling)", down["median_us"], None, "µs",
+         f"p99 {down['p99_us']:.2g} µs")
     _row("1", "import trainer_hook vs import wandb", imports["trainer_hook"] * 1e3, imports["wandb"] * 1e3, "ms")
 
 
