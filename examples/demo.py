@@ -29,6 +29,7 @@ def main() -> int:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     env = {**os.environ, "WANDB_DIR": str(out), "PYTHONPATH": str(ROOT)}
+    env.setdefault("WANDB_DATA_DIR", str(out / "wandb-data"))  # staged artifact files stay under --out
     env.setdefault("WANDB_MODE", "offline")  # the embedded default; set WANDB_MODE=online to upload
     py = sys.executable
 

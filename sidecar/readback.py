@@ -104,6 +104,13 @@ def read_runs(wandb_dir: str | os.PathLike[str]) -> dict[str, RunRecords]:
     return runs
 
 
+def _rows(artifact: Artifact, table: str) -> int | str:
+    try:
+        return len(artifact.table(table)["data"])
+    except (OSError, KeyError, ValueError):
+        return "?"  # the staged file is gone (uploaded and cleaned up)
+
+
 def describe(run: RunRecords) -> str:
     """A few lines a person can read: what one run holds."""
     keys = sorted({k for row in run.history for k in row if not k.startswith("_")})
@@ -113,7 +120,9 @@ def describe(run: RunRecords) -> str:
              f"{len(keys)} keys: {', '.join(keys[:12])}{' ...' if len(keys) > 12 else ''}",
              f"  config: {len(run.config)} keys"]
     for a in run.artifacts:
-        meta = ", ".join(sorted(a.metadata)[:8])
-        lines.append(f"  artifact {a.name} ({a.type}) aliases {sorted(a.aliases)} files {sorted(a.files)[:4]}"
-                     + (f" metadata [{meta}]" if meta else ""))
+        tables = [f[: -len(".table.json")] for f in a.files if f.endswith(".table.json")]
+        what = ", ".join(f"table {t}: {_rows(a, t)} rows" for t in tables) or ", ".join(
+            f for f in a.files if not f.startswith("media/"))
+        meta = f", metadata: {len(a.metadata)} keys ({', '.join(sorted(a.metadata)[:4])} ...)" if a.metadata else ""
+        lines.append(f"  artifact {a.name} ({a.type}) aliases {sorted(a.aliases)}: {what}{meta}")
     return "\n".join(lines)
