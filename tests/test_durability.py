@@ -28,6 +28,7 @@ def _assert_exact_history(run, steps: int, keys: int, prefix: str = "train") -> 
         }
 
 
+@pytest.mark.slow
 def test_sidecar_sigkilled_five_times_mid_stream_loses_and_duplicates_nothing(tmp_path: Path) -> None:
     steps, keys = 10_000, 10  # 100,000 metric values
     sidecar = SidecarProcess(tmp_path).start()
@@ -54,6 +55,7 @@ def test_sidecar_sigkilled_five_times_mid_stream_loses_and_duplicates_nothing(tm
     assert run.exit_code == 0
 
 
+@pytest.mark.slow
 def test_sidecar_starting_30s_late_and_going_away_loses_nothing(tmp_path: Path) -> None:
     port_holder = SidecarProcess(tmp_path)
     client = SidecarClient(port_holder.addr, run_id="patient", ack_timeout=0.3)
@@ -148,6 +150,7 @@ def test_trainer_that_comes_back_after_being_declared_dead_resumes_its_run(tmp_p
     assert run.exit_codes == [255, 0]
 
 
+@pytest.mark.slow
 def test_memory_stays_bounded_with_the_sidecar_down_for_the_whole_run(tmp_path: Path) -> None:
     probe = (
         "import gc, json, sys\n"

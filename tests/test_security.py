@@ -141,6 +141,7 @@ def _mutations(rng: random.Random, frames: list[bytes]) -> list[bytes]:
     return frames
 
 
+@pytest.mark.slow
 def test_fuzzing_a_live_sidecar_rejects_garbage_and_keeps_serving(sidecar: SidecarProcess, tmp_path: Path) -> None:
     import numpy as np
     import zmq
