@@ -31,6 +31,7 @@ from mmdet.core import DistEvalHook, EvalHook
 from protocol import DEFAULT_ADDR, Kind
 
 from .client import SidecarClient
+from .val_data import val_data_body
 
 _SUMMARY_CHOICES = ("min", "max", "mean", "best", "last", "none")
 
@@ -190,16 +191,9 @@ class MMDetWandbSidecarHook(LoggerHook):
             boxes.append(np.asarray(ann["bboxes"], dtype=np.float32).reshape(-1, 4))
             labels.append(np.asarray(ann["labels"], dtype=np.int64).reshape(-1))
             masks.append(_polygons(ann.get("masks")))
-        body: dict[str, Any] = {"class_names": list(ds.CLASSES), "image_names": names, "gt_boxes": boxes,
-                                "gt_labels": labels}
-        if any(m is not None for m in masks):
-            body["gt_masks"] = masks
-        if self.send_image_bytes:
-            body["image_bytes"] = [_read(p) for p in paths]
-        else:
-            body["image_paths"] = paths
         assert self.client is not None
-        self.client.send(Kind.VAL_DATA, body)
+        self.client.send(Kind.VAL_DATA, val_data_body(ds.CLASSES, names, paths, boxes, labels, masks,
+                                                      self.send_image_bytes))
 
     # ----------------------------------------------------------------------------- metrics
 
@@ -317,11 +311,6 @@ def _polygons(masks: Any) -> list | None:
         else:
             out.append([np.asarray(poly, dtype=np.float64).ravel().tolist() for poly in instance])
     return out
-
-
-def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
 
 
 __all__: Sequence[str] = ["MMDetWandbSidecarHook"]

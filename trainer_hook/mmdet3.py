@@ -56,6 +56,7 @@ from protocol import DEFAULT_ADDR, Kind
 from protocol.limits import MAX_KEY_LEN, MAX_STR_LEN
 
 from .client import SidecarClient
+from .val_data import val_data_body
 
 if TYPE_CHECKING:
     from mmengine.runner import Runner
@@ -337,16 +338,9 @@ class DetWandbSidecarHook(Hook):
             boxes.append(b)
             labels.append(l)
             masks.append(m)
-        body: dict[str, Any] = {"class_names": [str(c) for c in dataset.metainfo.get("classes", ())],
-                                "image_names": names, "gt_boxes": boxes, "gt_labels": labels}
-        if any(m for m in masks):
-            body["gt_masks"] = masks
-        if self.send_image_bytes:
-            body["image_bytes"] = [_read(p) for p in paths]
-        else:
-            body["image_paths"] = paths
         assert self.client is not None
-        self.client.send(Kind.VAL_DATA, body)
+        self.client.send(Kind.VAL_DATA, val_data_body(dataset.metainfo.get("classes", ()), names, paths, boxes, labels, masks,
+                                                      self.send_image_bytes))
 
     # -- checkpoints
 
@@ -537,11 +531,6 @@ def _uint8_image(image: Any) -> np.ndarray:
             arr = arr * 255
         return np.clip(arr, 0, 255).astype(np.uint8)
     return arr.copy()
-
-
-def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
 
 
 __all__: Sequence[str] = ["DetWandbSidecarHook", "SidecarVisBackend"]

@@ -25,6 +25,9 @@ from protocol import NEVER_DROPPED, Kind
 
 log = logging.getLogger("trainer_hook")
 _LEN = struct.Struct("<I")
+#: Python's own cost of one queued message beyond its payload bytes (the Packed object, its frame list,
+#: bytes headers, the header frame added later): counted, so the memory bound is a bound on real memory.
+ITEM_OVERHEAD = 320
 
 
 @dataclass(slots=True)
@@ -35,6 +38,10 @@ class Packed:
     nbytes: int
     lid: int  # local order, for flush markers
     seq: int = 0
+
+
+def _cost(item: Packed) -> int:
+    return item.nbytes + ITEM_OVERHEAD
 
 
 class _SpillFile:
@@ -105,7 +112,7 @@ class Outbox:
 
     def put(self, item: Packed) -> None:
         spill = self.spill
-        if spill is None or (not spill.count and self.memory_bytes + item.nbytes <= self.max_memory_bytes):
+        if spill is None or (not spill.count and self.memory_bytes + _cost(item) <= self.max_memory_bytes):
             self._to_memory(item)
             while spill is None and self.memory_bytes > self.max_memory_bytes and self._drop_oldest(keep=item):
                 pass
@@ -123,7 +130,7 @@ class Outbox:
 
     def _to_memory(self, item: Packed) -> None:
         self.memory.append(item)
-        self.memory_bytes += item.nbytes
+        self.memory_bytes += _cost(item)
 
     def _make_room(self, item: Packed) -> bool:
         """Drop the oldest droppable message in memory, else ``item`` if droppable. True: keep ``item``."""
@@ -138,7 +145,7 @@ class Outbox:
         for i, old in enumerate(self.memory):
             if old is not keep and old.kind not in NEVER_DROPPED:
                 del self.memory[i]
-                self.memory_bytes -= old.nbytes
+                self.memory_bytes -= _cost(old)
                 self.counters["dropped_backlog_full"] += 1
                 return True
         return False
@@ -149,7 +156,7 @@ class Outbox:
         if not self.memory:
             return None
         item = self.memory.popleft()
-        self.memory_bytes -= item.nbytes
+        self.memory_bytes -= _cost(item)
         return item
 
     def _refill(self) -> None:
