@@ -60,6 +60,9 @@ def main() -> None:
 @click.option("--heartbeat-timeout", default=60.0, show_default=True, type=float,
               help="Seconds without a message or heartbeat before a trainer is declared dead.")
 @click.option("--no-fsync", is_flag=True, help="Do not fsync the journal (faster, not crash-safe).")
+@click.option("--replay-backoff", default=10.0, show_default=True, type=float,
+              help="Seconds before a run whose wandb files came out incomplete (full WANDB_DIR) is replayed "
+                   "from the journal; doubles each time, up to 600.")
 @click.option("--curve-secret-key", type=click.Path(dir_okay=False, exists=True), envvar="WANDB_SIDECAR_CURVE_SECRET",
               help="The server's secret key file (from `wandb-sidecar keys`): turns on CurveZMQ.")
 @click.option("--curve-authorized-keys", type=click.Path(file_okay=False, exists=True),
@@ -73,7 +76,7 @@ def main() -> None:
 @click.option("--metrics-host", default="127.0.0.1", show_default=True, envvar="WANDB_SIDECAR_METRICS_HOST",
               help="Address the metrics endpoint listens on (0.0.0.0 inside a container).")
 def serve(bind: str, journal_dir: str, allow_roots: tuple[str, ...], heartbeat_timeout: float,
-          no_fsync: bool, curve_secret_key: str | None, curve_authorized_keys: str | None, insecure: bool,
+          no_fsync: bool, replay_backoff: float, curve_secret_key: str | None, curve_authorized_keys: str | None, insecure: bool,
           log_level: str, log_format: str, metrics_port: int | None, metrics_host: str) -> None:
     """Receive from trainers and do all wandb work. SIGTERM drains, finishes every run, exits 0."""
     _setup_logging(log_level, log_format)
@@ -90,7 +93,8 @@ def serve(bind: str, journal_dir: str, allow_roots: tuple[str, ...], heartbeat_t
     from .server import SidecarServer  # imports wandb: keep `status` fast
 
     server = SidecarServer(bind, journal_dir, list(allow_roots) or [os.getcwd()],
-                           heartbeat_timeout=heartbeat_timeout, fsync=not no_fsync, socket_setup=security)
+                           heartbeat_timeout=heartbeat_timeout, fsync=not no_fsync, socket_setup=security,
+                           replay_backoff=replay_backoff)
 
     def on_signal(signum: int, _frame: object) -> None:
         if server._stop.is_set():

@@ -34,6 +34,7 @@ class RunWorker(threading.Thread):
         file_guard: FileGuard,
         on_delivered: Callable[[str, int], None],
         on_finished: Callable[[str, int], None],
+        on_incomplete: Callable[[str], None],
         delivered: int = 0,
         retry_max: float = 60.0,
         state_dir: Path | None = None,
@@ -45,15 +46,28 @@ class RunWorker(threading.Thread):
         self.delivered = delivered
         self.on_delivered = on_delivered
         self.on_finished = on_finished
+        self.on_incomplete = on_incomplete
         self.retry_max = retry_max
         self.last_error = ""
         self.state = "starting"
         self.finished_with: int | None = None
         self._stopping = threading.Event()
+        self._end_lock = threading.Lock()
+        self.run_ended = False  # the wandb run was just finished (by the trainer, as lost, or at SIGTERM)
+        self.ended = False  # the thread is done; offer() refuses
+        self._start_msg: Message | None = None
         self._last_mark = 0.0
 
     def submit(self, msg: Message) -> None:
         self.queue.put(msg)
+
+    def offer(self, msg: Message) -> bool:
+        """Queue ``msg`` unless this worker has ended (the server then starts a new one for the run)."""
+        with self._end_lock:
+            if self.ended:
+                return False
+            self.queue.put(msg)
+            return True
 
     def stop(self, exit_code: int | None = None) -> None:
         """Finish after what is queued; ``exit_code`` None means the trainer did not finish (SIGTERM).
@@ -71,11 +85,15 @@ class RunWorker(threading.Thread):
             item = self.queue.get()
             if isinstance(item, tuple) and item[0] is _STOP:
                 self._finish(item[1])
-                return
-            assert isinstance(item, Message)
-            self._apply_with_retry(item)
-            if self.finished_with is not None:
-                return
+            else:
+                assert isinstance(item, Message)
+                self._apply_with_retry(item)
+            if self.run_ended:
+                with self._end_lock:  # the server offers nothing new while we decide
+                    if self.queue.empty():  # at SIGTERM the stop is the last thing queued
+                        self.ended = True
+                        return
+                self.run_ended = False  # the trainer came back while its run was finishing: resume it
             if self.queue.empty() or time.monotonic() - self._last_mark > 0.5:
                 self._mark_delivered()
 
@@ -110,12 +128,14 @@ class RunWorker(threading.Thread):
     def _apply(self, msg: Message) -> None:
         kind = msg.kind
         if kind is Kind.RUN_START:
-            if self.sink.run is None:
-                self.sink.start(msg)
-                self.state = "running"
+            self._start_msg = msg
+        if self.sink.run is None:  # first message, or after a finish the trainer came back from
+            if self._start_msg is None:
+                raise RuntimeError("message before run start")
+            self.sink.start(self._start_msg)
+            self.state = "running"
+        if kind is Kind.RUN_START:
             return
-        if self.sink.run is None:
-            raise RuntimeError("message before run start")
         if kind is not Kind.RUN_FINISH and self._already_in_wandb(msg):
             if kind is Kind.VAL_DATA:
                 self.sink.val_data(msg, publish=False)  # prediction tables still need it in memory
@@ -152,16 +172,24 @@ class RunWorker(threading.Thread):
         self.on_delivered(self.run_id, seq)
 
     def _finish(self, exit_code: int | None) -> None:
+        missing = ""
         try:
             if self.sink.run is not None:
                 if exit_code == LOST_EXIT_CODE:
                     self.sink.run.summary["sidecar/trainer_lost"] = True
-                self.sink.finish(0 if exit_code is None else exit_code)
+                missing = self.sink.finish(0 if exit_code is None else exit_code)
         except Exception as exc:
             self.last_error = f"finish: {type(exc).__name__}: {exc}"
             log.error("run %s: %s", self.run_id, self.last_error)
-        self.state = "finished" if exit_code is not None else "paused"
         self.finished_with = exit_code
+        self.run_ended = True
         self.on_delivered(self.run_id, self.delivered)
+        if missing:
+            self.state = "incomplete"
+            self.last_error = f"{missing} (WANDB_DIR full?); the journal keeps the run to replay it"
+            log.error("run %s: %s", self.run_id, self.last_error)
+            self.on_incomplete(self.run_id)
+            return
+        self.state = "finished" if exit_code is not None else "paused"
         if exit_code is not None:
             self.on_finished(self.run_id, exit_code)

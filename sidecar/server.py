@@ -72,7 +72,9 @@ class RunState:
     start: Message | None = None
     start_frames: list[bytes] | None = None
     worker: RunWorker | None = None
-    state: str = "active"  # active | finished | lost | paused
+    state: str = "active"  # active | finished | lost | paused | incomplete | replaying
+    replay_at: float = 0.0  # incomplete: when to replay the journal into wandb again
+    replay_delay: float = 0.0  # the next wait before a replay (doubles, from the server's replay_backoff)
 
 
 class SidecarServer:
@@ -85,6 +87,7 @@ class SidecarServer:
         max_run_queue: int = 200_000,
         fsync: bool = True,
         socket_setup: Any = None,
+        replay_backoff: float = 10.0,
     ) -> None:
         self.bind = bind
         self.journal = Journal(journal_dir, fsync=fsync)
@@ -92,6 +95,7 @@ class SidecarServer:
         self.heartbeat_timeout = heartbeat_timeout
         self.max_run_queue = max_run_queue
         self.socket_setup = socket_setup
+        self.replay_backoff = replay_backoff
         self.runs: dict[str, RunState] = {}
         self.rejected: collections.Counter[str] = collections.Counter()
         self.counters: collections.Counter[str] = collections.Counter()
@@ -128,6 +132,7 @@ class SidecarServer:
                 now = time.monotonic()
                 if now - last_check > 1.0:
                     self._check_heartbeats(now)
+                    self._retry_incomplete(now)
                     last_check = now
             # take what is already queued in the socket, then stop accepting
             while sock.poll(0, zmq.POLLIN):
@@ -154,23 +159,28 @@ class SidecarServer:
             st = self.runs.setdefault(run_id, RunState(run_id))
             st.state = "active"
             st.delivered = max(st.delivered, self.journal.delivered(run_id))
-            replay: list[Message] = []
-            for frames in self.journal.replay(run_id):
-                msg = self._decode_frames(frames)
-                if msg is None:
-                    continue
-                st.last_seq = max(st.last_seq, msg.seq)
-                if msg.kind is Kind.RUN_START:
-                    st.start, st.start_frames = msg, frames
-                else:
-                    replay.append(msg)  # the worker skips what wandb's files (or the mark) already hold
-            worker = self._worker(st)
-            for msg in replay:
-                worker.submit(msg)
+            n = self._replay_from_journal(st)
             log.info("run %s: recovered from journal, seq %d journaled, %d delivered, %d to replay",
-                     run_id, st.last_seq, st.delivered, len(replay))
+                     run_id, st.last_seq, st.delivered, n)
         for st in self.runs.values():
             st.journaled = st.last_seq
+
+    def _replay_from_journal(self, st: RunState) -> int:
+        """A new worker for the run, fed its whole journal; it skips what wandb's files already hold."""
+        replay: list[Message] = []
+        for frames in self.journal.replay(st.run_id):
+            msg = self._decode_frames(frames)
+            if msg is None:
+                continue
+            st.last_seq = max(st.last_seq, msg.seq)
+            if msg.kind is Kind.RUN_START:
+                st.start, st.start_frames = msg, frames
+            else:
+                replay.append(msg)
+        worker = self._worker(st)
+        for msg in replay:
+            worker.submit(msg)
+        return len(replay)
 
     @staticmethod
     def _decode_frames(frames: list[bytes]) -> Message | None:
@@ -322,17 +332,15 @@ class SidecarServer:
     def _dispatch(self, st: RunState, msg: Message) -> None:
         if msg.kind is Kind.RUN_START:
             st.start, st.start_frames = msg, None
-        if st.worker is None or not st.worker.is_alive():
-            if st.state in ("finished", "lost") and msg.kind is not Kind.RUN_START:
-                log.info("run %s: trainer is back after %s; resuming the wandb run", st.run_id, st.state)
-            self._worker(st)
+        if st.state in ("finished", "lost") and msg.kind is not Kind.RUN_START:
+            log.info("run %s: trainer is back after %s; resuming the wandb run", st.run_id, st.state)
         st.state = "active"
-        assert st.worker is not None
-        st.worker.submit(msg)
+        if st.worker is None or not st.worker.offer(msg):
+            self._worker(st).submit(msg)
 
     def _worker(self, st: RunState) -> RunWorker:
-        worker = RunWorker(st.run_id, self.guard, self._on_delivered, self._on_finished, delivered=st.delivered,
-                           state_dir=self.journal.root)
+        worker = RunWorker(st.run_id, self.guard, self._on_delivered, self._on_finished, self._on_incomplete,
+                           delivered=st.delivered, state_dir=self.journal.root)
         st.worker = worker
         if st.start is not None:
             worker.submit(st.start)
@@ -357,6 +365,22 @@ class SidecarServer:
         except OSError as exc:
             log.warning("run %s: cannot compact journal: %s", run_id, exc)
         log.info("run %s: finished with exit code %d", run_id, exit_code)
+
+    def _on_incomplete(self, run_id: str) -> None:
+        """wandb's files miss part of a finished run: keep its journal, replay it later (with backoff)."""
+        st = self.runs[run_id]
+        delay = st.replay_delay or self.replay_backoff
+        st.state = "incomplete"
+        st.replay_at = time.monotonic() + delay
+        log.error("run %s: replaying it from the journal in %.0f s", run_id, delay)
+        st.replay_delay = min(delay * 2, 600.0)
+
+    def _retry_incomplete(self, now: float) -> None:
+        for st in list(self.runs.values()):
+            if st.state == "incomplete" and now >= st.replay_at and not (st.worker and st.worker.is_alive()):
+                st.state = "replaying"  # not "active": no trainer heartbeats are expected
+                log.info("run %s: replaying %d journaled messages into a resumed wandb run", st.run_id,
+                         self._replay_from_journal(st))
 
     def _check_heartbeats(self, now: float) -> None:
         for st in self.runs.values():

@@ -37,6 +37,8 @@ class WandbSink:
         self.guard = file_guard
         self.state_dir = state_dir
         self.persisted = Persisted()  # what wandb's files of earlier run directories hold (resume)
+        self.last_step_logged = -1  # highest explicit step handed to run.log (checked at finish)
+        self._init_dir: str | None = None
         self.run: Any = None
         self.pending_step: int | None = None
         self.pending_row: dict[str, Any] = {}
@@ -71,7 +73,8 @@ class WandbSink:
             raise SinkError(f"wandb.init failed: {type(exc).__name__}: {exc}") from exc
         log.info("run %s: wandb run started (project %s, %s, files in %s)", self.run_id, self.run.project,
                  self.run.url or "offline", self.run.dir, extra={"run": self.run_id})
-        self._find_persisted_steps(init.get("dir"))
+        self._init_dir = init.get("dir")
+        self._find_persisted_steps(self._init_dir)
         for metric in body.get("define_metrics", []):
             self.run.define_metric(**metric)
         for f in body.get("files", []):
@@ -151,11 +154,22 @@ class WandbSink:
         """A config update after the run start (mmengine's ``add_config`` after the first log)."""
         self.run.config.update(msg.body["config"], allow_val_change=True)
 
-    def finish(self, exit_code: int) -> None:
+    def finish(self, exit_code: int) -> str:
+        """Finish the wandb run; then, offline, read wandb's files back. Returns '' when they hold every
+        step logged, else what is missing: wandb loses rows silently when its disk is full (seen here:
+        init, log and finish all succeed on a full WANDB_DIR)."""
         self.flush_metrics()
-        if self.run is not None:
-            self.run.finish(exit_code=exit_code)
-            self.run = None
+        if self.run is None:
+            return ""
+        offline = self.run.offline
+        self.run.finish(exit_code=exit_code)
+        self.run = None
+        if not offline or self.state_dir is None or self.last_step_logged < 0:
+            return ""
+        held = persisted(wandb_root(self._init_dir), self.run_id, self.state_dir / f"{self.run_id}.wandb-files.json")
+        if held.max_step < self.last_step_logged:
+            return f"wandb's files end at step {held.max_step} but step {self.last_step_logged} was logged"
+        return ""
 
     # ------------------------------------------------------------------------------- metrics
 
@@ -200,6 +214,7 @@ class WandbSink:
     def flush_metrics(self) -> None:
         if self.pending_step is not None and self.pending_row:
             self.run.log(self.pending_row, step=self.pending_step)
+            self.last_step_logged = max(self.last_step_logged, self.pending_step)
             self._count("log_calls")
         self.pending_row = {}
         self.pending_first_seq = 0

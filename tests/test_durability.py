@@ -238,3 +238,31 @@ def test_a_failed_checkpoint_upload_is_retried(tmp_path: Path) -> None:
     assert sidecar.log().count("injected: upload failed") >= 2
     [art] = read_runs(sidecar.wandb_dir)["uploads"].artifacts
     assert sorted(art.aliases) == ["epoch_1", "latest"] and int(art.files["epoch_1.pth"]["size"]) == 10_000
+
+
+def test_full_wandb_dir_is_detected_and_the_run_replayed_when_space_returns(tmp_path: Path) -> None:
+    wandb_dir = tmp_path / "wandb_dir"
+    wandb_dir.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(wandb_dir)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    try:
+        # wandb itself loses rows silently on a full disk (init, log and finish all succeed)
+        sidecar = SidecarProcess(tmp_path, "--replay-backoff", "1").start()
+        client = SidecarClient(sidecar.addr, run_id="fulldisk")
+        for step in range(4000):
+            client.log({f"train/m{i}": value(step, i) for i in range(4)}, step=step)
+        assert client.finish(timeout=60)  # the trainer is done and unaffected
+        status = sidecar.wait_for(lambda s: s["runs"]["fulldisk"]["state"] == "incomplete", timeout=60)
+        assert "wandb's files end at step" in status["runs"]["fulldisk"]["last_error"]
+        assert any(p.name.startswith("fulldisk") for p in (tmp_path / "journal").iterdir())
+        subprocess.run(["mount", "-o", "remount,size=64m", str(wandb_dir)], check=True)  # space returns
+        sidecar.wait_for(lambda s: s["runs"]["fulldisk"]["state"] == "finished", timeout=120)
+        assert sidecar.stop() == 0
+        run = read_runs(wandb_dir)["fulldisk"]
+        assert len(run.dirs) >= 2  # the replay resumed the run in a new directory
+        _assert_exact_history(run, 4000, 4)
+        assert run.exit_code == 0
+    finally:
+        subprocess.run(["umount", "-l", str(wandb_dir)], capture_output=True)
