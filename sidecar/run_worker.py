@@ -120,6 +120,8 @@ class RunWorker(threading.Thread):
                 if self._stopping.is_set():  # only a run start gets here while stopping
                     log.error("run %s: %s; stopping: it stays in the journal for the next start",
                               self.run_id, self.last_error)
+                    with self._end_lock:
+                        self.ended = True
                     raise SystemExit from exc
                 log.error("run %s: %s; retrying in %.0f s", self.run_id, self.last_error, delay)
                 self._stopping.wait(delay)
