@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -182,14 +184,22 @@ def test_memory_stays_bounded_with_the_sidecar_down_for_the_whole_run(tmp_path: 
         assert stats["growth"] < 48 << 20, stats
 
 
-def test_journal_disk_full_is_a_clear_error_and_delivery_resumes_when_space_returns(tmp_path: Path) -> None:
-    journal = tmp_path / "journal"
-    journal.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(journal)],
+@contextlib.contextmanager
+def _small_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A real, small filesystem at ``path`` to fill up (needs root; skipped with the reason otherwise)."""
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
                              capture_output=True, text=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
     try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_journal_disk_full_is_a_clear_error_and_delivery_resumes_when_space_returns(tmp_path: Path) -> None:
+    with _small_tmpfs(tmp_path / "journal", "512k") as journal:
         filler = journal / "filler"
         st = os.statvfs(journal)
         filler.write_bytes(b"\0" * (st.f_bavail * st.f_frsize - 64 * 1024))  # leave 64 KiB
@@ -206,8 +216,6 @@ def test_journal_disk_full_is_a_clear_error_and_delivery_resumes_when_space_retu
         assert client.finish(timeout=120), client.stats()
         assert sidecar.stop() == 0
         _assert_exact_history(read_runs(sidecar.wandb_dir)["diskfull"], 3000, 4)
-    finally:
-        subprocess.run(["umount", "-l", str(journal)], capture_output=True)
 
 
 def test_wandb_init_failures_are_retried_and_never_reach_the_trainer(tmp_path: Path) -> None:
@@ -241,13 +249,7 @@ def test_a_failed_checkpoint_upload_is_retried(tmp_path: Path) -> None:
 
 
 def test_full_wandb_dir_is_detected_and_the_run_replayed_when_space_returns(tmp_path: Path) -> None:
-    wandb_dir = tmp_path / "wandb_dir"
-    wandb_dir.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(wandb_dir)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
-    try:
+    with _small_tmpfs(tmp_path / "wandb_dir", "160k") as wandb_dir:
         # wandb itself loses rows silently on a full disk (init, log and finish all succeed)
         sidecar = SidecarProcess(tmp_path, "--replay-backoff", "1").start()
         client = SidecarClient(sidecar.addr, run_id="fulldisk")
@@ -264,5 +266,3 @@ def test_full_wandb_dir_is_detected_and_the_run_replayed_when_space_returns(tmp_
         assert len(run.dirs) >= 2  # the replay resumed the run in a new directory
         _assert_exact_history(run, 4000, 4)
         assert run.exit_code == 0
-    finally:
-        subprocess.run(["umount", "-l", str(wandb_dir)], capture_output=True)
