@@ -112,10 +112,17 @@ class Outbox:
 
     def put(self, item: Packed) -> None:
         spill = self.spill
-        if spill is None or (not spill.count and self.memory_bytes + _cost(item) <= self.max_memory_bytes):
+        if spill is None:  # memory only: make room first, so the bound holds at every moment
+            while self.memory_bytes + _cost(item) > self.max_memory_bytes:
+                if not self._drop_oldest(keep=item):
+                    if item.kind not in NEVER_DROPPED:
+                        self.counters["dropped_backlog_full"] += 1
+                        return
+                    break  # never dropped: may exceed the bound (such messages are few and small)
             self._to_memory(item)
-            while spill is None and self.memory_bytes > self.max_memory_bytes and self._drop_oldest(keep=item):
-                pass
+            return
+        if not spill.count and self.memory_bytes + _cost(item) <= self.max_memory_bytes:
+            self._to_memory(item)
             return
         if spill.nbytes + item.nbytes > self.max_spill_bytes and not self._make_room(item):
             return
