@@ -276,23 +276,17 @@ class SidecarServer:
             return  # not accepted: the client keeps it and resends once wandb caught up
         try:
             msg = decode_body(header, frames[1:])
+            refused = self._refused_path(msg)
+            if refused:
+                raise PathRefused(refused)
         except ProtocolError as exc:
-            st.last_seq = header.seq  # consumed: a bad message must not block the ones after it
-            st.rejected += 1
-            self._reject(peer, exc, header)
-            self._send(sock, peer, Kind.REJECT, header.run_id, header.seq,
-                       {"reason": exc.reason, "detail": exc.detail[:500], "rejected_seq": header.seq})
-            to_journal.append((header.run_id, [bytes(f) for f in frames]))
-            return
-        refused = self._refused_path(msg)
-        if refused:
+            # consumed and journaled, so the sequence stays whole and a bad message does not block the
+            # ones after it; never dispatched (the sink re-checks paths on replay too)
             st.last_seq = header.seq
             st.rejected += 1
-            exc = PathRefused(refused)
             self._reject(peer, exc, header)
             self._send(sock, peer, Kind.REJECT, header.run_id, header.seq,
                        {"reason": exc.reason, "detail": exc.detail[:500], "rejected_seq": header.seq})
-            # journaled to keep the sequence whole; never dispatched (the sink re-checks on replay too)
             to_journal.append((header.run_id, frames))
             return
         st.last_seq = header.seq

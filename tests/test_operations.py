@@ -20,7 +20,7 @@ import yaml
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
-from protocol import Kind, encode
+from protocol import Kind, decode, encode
 from sidecar import cli
 from sidecar.auth import is_local
 from tests.sidecar_process import SidecarProcess, free_port
@@ -54,7 +54,12 @@ def _bad_run(addr: str) -> None:
     sock.connect(addr)
     sock.send_multipart(encode(Kind.RUN_START, "badrun", 1, time.time(), {"init_kwargs": {"project": "ops"}}))
     sock.send_multipart(encode(Kind.METRICS, "badrun", 2, time.time(), {"data": {"x": [1, 2]}}))  # not a scalar
-    time.sleep(0.2)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and sock.poll(1000):  # until the sidecar answers the bad one
+        if decode(sock.recv_multipart()).kind is Kind.REJECT:
+            break
+    else:
+        raise AssertionError("the sidecar never rejected the bad message")
     sock.close(0)
     ctx.term()
 

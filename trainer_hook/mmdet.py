@@ -223,26 +223,25 @@ class MMDetWandbSidecarHook(LoggerHook):
 
     @master_only
     def _after_train_iter(self, runner) -> None:  # type: ignore[no-untyped-def]
-        if self.by_epoch:
-            return
-        n = runner.iter + 1
-        if self.log_checkpoint and (self.every_n_iters(runner, self.ckpt_interval)
-                                    or (self.ckpt_hook.save_last and self.is_last_iter(runner))):
-            self._send_checkpoint(f"iter_{n}", {"iter": n}, n)
-        if self.log_evaluation and self.eval_hook._should_evaluate(runner):
-            self._send_predictions(f"iter_{n}")
+        if not self.by_epoch:
+            self._log_position(runner, "iter", runner.iter + 1)
 
     @master_only
     def after_train_epoch(self, runner) -> None:  # type: ignore[no-untyped-def]
         super().after_train_epoch(runner)
-        if not self.by_epoch:
-            return
-        e = runner.epoch + 1
-        if self.log_checkpoint and (self.every_n_epochs(runner, self.ckpt_interval)
-                                    or (self.ckpt_hook.save_last and self.is_last_epoch(runner))):
-            self._send_checkpoint(f"epoch_{e}", {"epoch": e}, e)
+        if self.by_epoch:
+            self._log_position(runner, "epoch", runner.epoch + 1)
+
+    def _log_position(self, runner, unit: str, n: int) -> None:  # type: ignore[no-untyped-def]
+        """At the end of epoch/iteration ``n``: its checkpoint, then its prediction table."""
+        if self.log_checkpoint:
+            assert self.ckpt_hook is not None
+            every = self.every_n_epochs if unit == "epoch" else self.every_n_iters
+            last = self.is_last_epoch if unit == "epoch" else self.is_last_iter
+            if every(runner, self.ckpt_interval) or (self.ckpt_hook.save_last and last(runner)):
+                self._send_checkpoint(f"{unit}_{n}", {unit: n}, n)
         if self.log_evaluation and self.eval_hook._should_evaluate(runner):
-            self._send_predictions(f"epoch_{e}")
+            self._send_predictions(f"{unit}_{n}")
 
     def _send_checkpoint(self, tag: str, position: dict[str, int], n: int) -> None:
         assert self.client is not None and self.ckpt_hook is not None
