@@ -262,11 +262,11 @@ def _blast(addr: str, run_id: str, messages: int, per_step: int) -> float:
 
     from protocol import Kind, decode, encode
 
-    frames = [encode(Kind.RUN_START, run_id, 1, time.time(), {"init_kwargs": {"project": "bench"}})]
+    frames = [encode(Kind.RUN_START, run_id, 1, time.time(), {"init_kwargs": {"project": "bench"}}, incarnation="0123abcd")]
     for i in range(messages):
         frames.append(encode(Kind.METRICS, run_id, i + 2, time.time(),
-                             {"data": {f"m{i % per_step}_{k}": float(i) for k in range(10)}, "step": i // per_step}))
-    frames.append(encode(Kind.RUN_FINISH, run_id, messages + 2, time.time(), {"exit_code": 0}))
+                             {"data": {f"m{i % per_step}_{k}": float(i) for k in range(10)}, "step": i // per_step}, incarnation="0123abcd"))
+    frames.append(encode(Kind.RUN_FINISH, run_id, messages + 2, time.time(), {"exit_code": 0}, incarnation="0123abcd"))
     batches = [[fr for m in frames[i:i + 256] for fr in m] for i in range(0, len(frames), 256)]
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)

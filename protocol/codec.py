@@ -1,9 +1,12 @@
 """The envelope and its encoding: ``[header, body, blob?]`` ZeroMQ frames.
 
-- ``header``: msgpack ``[version, kind, run_id, seq, time, nbody]``. Tiny, decoded first, so the sidecar
-  can acknowledge or reject a message by its sequence number even when the body is bad. ``nbody`` (1 or
-  2) says how many frames follow it, so one ZeroMQ multipart can carry up to ``MAX_BATCH`` messages
-  back to back (:func:`split`): per-message socket overhead is what limits throughput in Python.
+- ``header``: msgpack ``[version, kind, run_id, seq, time, nbody, incarnation]``. Tiny, decoded first, so
+  the sidecar can acknowledge or reject a message by its sequence number even when the body is bad.
+  ``nbody`` (1 or 2) says how many frames follow it, so one ZeroMQ multipart can carry up to
+  ``MAX_BATCH`` messages back to back (:func:`split`): per-message socket overhead is what limits
+  throughput in Python. ``incarnation`` is the sending client's random token: sequence numbers count per
+  (run id, incarnation), so a resumed training (a new process, the same wandb run id) starts a new
+  sequence instead of being taken for duplicates of the old one.
 - ``body``: msgpack map of the kind's fields. numpy arrays inside it are ExtType references
   ``[dtype, shape, offset, nbytes]`` into ``blob``.
 - ``blob``: every array's bytes, concatenated: one large frame per message, not one per array
@@ -35,6 +38,7 @@ from .limits import (
     MAX_METRICS_PER_MESSAGE,
     MAX_STR_LEN,
     PROTOCOL_VERSION,
+    INCARNATION_PATTERN,
     RUN_ID_PATTERN,
 )
 
@@ -49,6 +53,7 @@ class Header(NamedTuple):  # a NamedTuple: built once per message, ~4x cheaper t
     seq: int
     time: float
     nbody: int = 1
+    incarnation: str = ""
 
 
 @dataclass(slots=True)
@@ -72,8 +77,8 @@ class Message:
 # ----------------------------------------------------------------------------------------- encode
 
 
-def encode_header(kind: Kind, run_id: str, seq: int, time: float, nbody: int = 1) -> bytes:
-    return msgpack.packb([PROTOCOL_VERSION, kind.value, run_id, seq, time, nbody])
+def encode_header(kind: Kind, run_id: str, seq: int, time: float, nbody: int = 1, incarnation: str = "") -> bytes:
+    return msgpack.packb([PROTOCOL_VERSION, kind.value, run_id, seq, time, nbody, incarnation])
 
 
 class _ArrayCollector:
@@ -116,10 +121,10 @@ def encode_body(body: dict[str, Any]) -> list[bytes]:
     return [packed, blob]
 
 
-def encode(kind: Kind, run_id: str, seq: int, time: float, body: dict[str, Any]) -> list[bytes]:
+def encode(kind: Kind, run_id: str, seq: int, time: float, body: dict[str, Any], incarnation: str = "") -> list[bytes]:
     """Encode a whole message to its frames."""
     frames = encode_body(body)
-    return [encode_header(kind, run_id, seq, time, len(frames)), *frames]
+    return [encode_header(kind, run_id, seq, time, len(frames), incarnation), *frames]
 
 
 # ----------------------------------------------------------------------------------------- decode
@@ -160,13 +165,14 @@ def decode_header(frame: bytes) -> Header:
         raw = msgpack.unpackb(frame, raw=False)  # 1 KiB at most: no length limits needed
     except Exception as exc:  # msgpack raises a zoo of types for garbage; all mean "malformed"
         raise MalformedFrame(f"header is not valid msgpack ({type(exc).__name__}: {exc})") from None
-    if not isinstance(raw, list) or len(raw) != 6:
-        raise MalformedFrame("header must be a 6-element array [version, kind, run_id, seq, time, nbody]")
-    version, kind, run_id, seq, time, nbody = raw
-    if type(version) is not int:
-        raise MalformedFrame("header version must be an integer")
-    if version != PROTOCOL_VERSION:
-        raise UnsupportedVersion(f"protocol version {version}, this side speaks {PROTOCOL_VERSION}")
+    if not isinstance(raw, list) or not raw or type(raw[0]) is not int:
+        raise MalformedFrame("header must be an array starting with the protocol version")
+    if raw[0] != PROTOCOL_VERSION:
+        raise UnsupportedVersion(f"protocol version {raw[0]}, this side speaks {PROTOCOL_VERSION}")
+    if len(raw) != 7:
+        raise MalformedFrame("header must be a 7-element array [version, kind, run_id, seq, time, nbody, "
+                             "incarnation]")
+    version, kind, run_id, seq, time, nbody, incarnation = raw
     if not isinstance(kind, str) or kind not in _KINDS:
         raise UnknownKind(f"unknown message kind {str(kind)[:64]!r}")
     if not isinstance(run_id, str) or not (run_id == "" or RUN_ID_PATTERN.match(run_id)):
@@ -177,10 +183,12 @@ def decode_header(frame: bytes) -> Header:
         raise InvalidField("time must be a finite number")
     if type(nbody) is not int or not 1 <= nbody <= MAX_FRAMES - 1:
         raise MalformedFrame(f"nbody must be 1 or 2, not {str(nbody)[:20]}")
+    if not isinstance(incarnation, str) or not (incarnation == "" or INCARNATION_PATTERN.match(incarnation)):
+        raise InvalidField(f"incarnation {str(incarnation)[:80]!r} must match {INCARNATION_PATTERN.pattern}")
     k = _KINDS[kind]
-    if k in SEQUENCED and (seq == 0 or run_id == ""):
-        raise InvalidField(f"{k} needs a run_id and a sequence number >= 1")
-    return Header(version, k, run_id, seq, float(time), nbody)
+    if k in SEQUENCED and (seq == 0 or run_id == "" or incarnation == ""):
+        raise InvalidField(f"{k} needs a run_id, an incarnation and a sequence number >= 1")
+    return Header(version, k, run_id, seq, float(time), nbody, incarnation)
 
 
 def _array_hook(blob: memoryview | None):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: the header carries the client's incarnation
 
 #: Largest single ZeroMQ frame (validation images travel as one blob frame).
 MAX_FRAME_BYTES = 256 * 1024 * 1024
@@ -19,6 +19,8 @@ MAX_BATCH = 1024
 
 #: Run ids become file names and wandb ids: keep them boring.
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+#: A client's incarnation token (random hex, one per SidecarClient): also part of journal records.
+INCARNATION_PATTERN = re.compile(r"^[0-9a-f]{8,32}$")
 MAX_KEY_LEN = 256
 MAX_STR_LEN = 64 * 1024
 MAX_CONTAINER_LEN = 1_000_000

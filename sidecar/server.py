@@ -69,6 +69,7 @@ class RunState:
     backpressure: int = 0  # messages not accepted because the worker was too far behind
     last_seen: float = field(default_factory=time.monotonic)
     peer: bytes = b""
+    incarnation: str = ""
     start: Message | None = None
     start_frames: list[bytes] | None = None
     worker: RunWorker | None = None
@@ -235,7 +236,7 @@ class SidecarServer:
         for st, msg in accepted:
             self._dispatch(st, msg)
         for (peer, run_id), st in acks.items():
-            self._send(sock, peer, Kind.ACK, run_id, st.last_seq, {"delivered": st.delivered})
+            self._send(sock, peer, Kind.ACK, run_id, st.last_seq, {"delivered": st.delivered}, st.incarnation)
 
     def _handle_one(self, sock, peer, header, frames, to_journal, accepted, acks) -> None:  # type: ignore[no-untyped-def]
         """One message of a multipart: ``frames`` are its own (header first)."""
@@ -251,6 +252,7 @@ class SidecarServer:
             if st is not None:
                 st.last_seen = time.monotonic()
                 st.peer = peer
+                st.incarnation = header.incarnation
                 acks[(peer, st.run_id)] = st
             return
         if st is None:
@@ -262,6 +264,7 @@ class SidecarServer:
         st.received += 1
         st.last_seen = time.monotonic()
         st.peer = peer
+        st.incarnation = header.incarnation
         acks[(peer, st.run_id)] = st
         if header.seq <= st.last_seq:
             st.duplicates += 1
@@ -286,7 +289,8 @@ class SidecarServer:
             st.rejected += 1
             self._reject(peer, exc, header)
             self._send(sock, peer, Kind.REJECT, header.run_id, header.seq,
-                       {"reason": exc.reason, "detail": exc.detail[:500], "rejected_seq": header.seq})
+                       {"reason": exc.reason, "detail": exc.detail[:500], "rejected_seq": header.seq},
+                       header.incarnation)
             to_journal.append((header.run_id, frames))
             return
         st.last_seq = header.seq
@@ -315,9 +319,10 @@ class SidecarServer:
         where = f" run {header.run_id} seq {header.seq}" if header else ""
         log.warning("rejected message from peer %s%s: %s", peer.hex(), where, exc)
 
-    def _send(self, sock: zmq.Socket, peer: bytes, kind: Kind, run_id: str, seq: int, body: dict) -> None:
+    def _send(self, sock: zmq.Socket, peer: bytes, kind: Kind, run_id: str, seq: int, body: dict,
+              incarnation: str = "") -> None:
         try:
-            sock.send_multipart([peer, *encode(kind, run_id, seq, time.time(), body)], zmq.NOBLOCK)
+            sock.send_multipart([peer, *encode(kind, run_id, seq, time.time(), body, incarnation)], zmq.NOBLOCK)
         except zmq.ZMQError:
             self.counters["replies_unsent"] += 1
 
@@ -353,7 +358,8 @@ class SidecarServer:
         st = self.runs[run_id]
         st.state = "lost" if exit_code == LOST_EXIT_CODE else "finished"
         if st.start_frames is None and st.start is not None:
-            st.start_frames = encode(Kind.RUN_START, run_id, st.start.seq, st.start.header.time, st.start.body)
+            st.start_frames = encode(Kind.RUN_START, run_id, st.start.seq, st.start.header.time, st.start.body,
+                                     st.start.header.incarnation)
         try:
             self.journal.compact(run_id, st.delivered, st.start_frames)
         except OSError as exc:

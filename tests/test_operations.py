@@ -52,8 +52,8 @@ def _bad_run(addr: str) -> None:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.connect(addr)
-    sock.send_multipart(encode(Kind.RUN_START, "badrun", 1, time.time(), {"init_kwargs": {"project": "ops"}}))
-    sock.send_multipart(encode(Kind.METRICS, "badrun", 2, time.time(), {"data": {"x": [1, 2]}}))  # not a scalar
+    sock.send_multipart(encode(Kind.RUN_START, "badrun", 1, time.time(), {"init_kwargs": {"project": "ops"}}, incarnation="0123abcd"))
+    sock.send_multipart(encode(Kind.METRICS, "badrun", 2, time.time(), {"data": {"x": [1, 2]}}, incarnation="0123abcd"))  # not a scalar
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and sock.poll(1000):  # until the sidecar answers the bad one
         if decode(sock.recv_multipart()).kind is Kind.REJECT:
@@ -352,7 +352,7 @@ def test_large_checkpoint_logs_before_and_after(tmp_path: Path, caplog: pytest.L
     ckpt.write_bytes(b"\0" * 5000)
     sink = WandbSink("bigrun", FileGuard([tmp_path]))
     sink.run = FakeRun()
-    msg: Message = decode(encode(Kind.CHECKPOINT, "bigrun", 2, time.time(), {"path": str(ckpt), "aliases": ["latest"]}))
+    msg: Message = decode(encode(Kind.CHECKPOINT, "bigrun", 2, time.time(), {"path": str(ckpt), "aliases": ["latest"]}, incarnation="0123abcd"))
     with caplog.at_level(logging.INFO, logger="sidecar.wandb"):
         sink.checkpoint(msg)
     lines = [r for r in caplog.records if r.name == "sidecar.wandb"]

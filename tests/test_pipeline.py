@@ -115,11 +115,11 @@ def test_malformed_frames_are_rejected_and_counted(sidecar: SidecarProcess) -> N
     garbage = [
         [b"\xc1\xc1\xc1"],  # not msgpack
         [msgpack.packb([99, "metrics", "abc", 1, 0.0, 1]), msgpack.packb({})],  # unknown version
-        [msgpack.packb([1, "explode", "abc", 1, 0.0, 1]), msgpack.packb({})],  # unknown kind
-        [msgpack.packb([1, "metrics", "../../etc", 1, 0.0, 1]), msgpack.packb({})],  # bad run id
-        encode(Kind.RUN_START, "badrun", 1, 0.0, {"init_kwargs": {}}),
-        encode(Kind.METRICS, "badrun", 2, 0.0, {"data": {"x": [1, 2]}}),  # not a scalar
-        encode(Kind.METRICS, "badrun", 3, 0.0, {"data": {"x": 1.0}, "bogus": 1}),  # unknown field
+        [msgpack.packb([2, "explode", "abc", 1, 0.0, 1, "0123abcd"]), msgpack.packb({})],  # unknown kind
+        [msgpack.packb([2, "metrics", "../../etc", 1, 0.0, 1, "0123abcd"]), msgpack.packb({})],  # bad run id
+        encode(Kind.RUN_START, "badrun", 1, 0.0, {"init_kwargs": {}}, incarnation="0123abcd"),
+        encode(Kind.METRICS, "badrun", 2, 0.0, {"data": {"x": [1, 2]}}, incarnation="0123abcd"),  # not a scalar
+        encode(Kind.METRICS, "badrun", 3, 0.0, {"data": {"x": 1.0}, "bogus": 1}, incarnation="0123abcd"),  # unknown field
     ]
     for frames in garbage:
         bad.send_multipart(frames)

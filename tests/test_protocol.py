@@ -25,7 +25,7 @@ from protocol.limits import MAX_HEADER_BYTES
 
 
 def test_metrics_round_trip_keeps_values_and_numpy_scalars() -> None:
-    frames = encode(Kind.METRICS, "run1", 7, 12.5, {"data": {"a": np.float32(0.5), "b": 3, "nan": math.nan}, "step": 4})
+    frames = encode(Kind.METRICS, "run1", 7, 12.5, {"data": {"a": np.float32(0.5), "b": 3, "nan": math.nan}, "step": 4}, incarnation="0123abcd")
     assert len(frames) == 2  # no arrays, no blob
     msg = decode(frames)
     assert (msg.kind, msg.run_id, msg.seq, msg.header.time) == (Kind.METRICS, "run1", 7, 12.5)
@@ -37,7 +37,7 @@ def test_arrays_travel_in_one_blob_and_come_back_equal() -> None:
     boxes = [np.random.default_rng(i).random((i + 1, 4), dtype=np.float32) for i in range(50)]
     body = {"tag": "epoch_1", "indices": list(range(50)), "boxes": boxes,
             "scores": [b[:, 0].copy() for b in boxes], "labels": [np.arange(len(b)) for b in boxes]}
-    frames = encode(Kind.PRED_BATCH, "run1", 2, 0.0, body)
+    frames = encode(Kind.PRED_BATCH, "run1", 2, 0.0, body, incarnation="0123abcd")
     assert len(frames) == 3  # header, body, one blob for 150 arrays
     out = decode(frames).body
     for a, b in zip(out["boxes"], boxes):
@@ -49,16 +49,19 @@ def test_arrays_travel_in_one_blob_and_come_back_equal() -> None:
     "frames, error",
     [
         ([b"\xc1"], MalformedFrame),
-        ([msgpack.packb([2, "metrics", "r", 1, 0.0, 1]), msgpack.packb({"data": {}})], UnsupportedVersion),
-        ([msgpack.packb([1, "nope", "r", 1, 0.0, 1]), msgpack.packb({})], UnknownKind),
-        ([msgpack.packb([1, "metrics", "a/b", 1, 0.0, 1]), msgpack.packb({"data": {}})], InvalidField),
-        ([msgpack.packb([1, "metrics", "r", 0, 0.0, 1]), msgpack.packb({"data": {}})], InvalidField),
-        ([msgpack.packb([1, "metrics", "r", 1, 0.0, 1]), msgpack.packb({"data": {"x": {"y": 1}}})], InvalidField),
-        ([msgpack.packb([1, "metrics", "r", 1, 0.0, 1]), msgpack.packb({"step": 1})], InvalidField),
-        ([msgpack.packb([1, "metrics", "r", 1, 0.0, 1]), msgpack.packb({"data": {}, "extra": 1})], InvalidField),
-        ([msgpack.packb([1, "run_finish", "r", 1, 0.0, 1]), msgpack.packb({"exit_code": "0"})], InvalidField),
+        ([msgpack.packb([1, "metrics", "r", 1, 0.0, 1]), msgpack.packb({"data": {}})], UnsupportedVersion),
+        ([msgpack.packb([2, "metrics", "r", 1, 0.0, 1]), msgpack.packb({"data": {}})], MalformedFrame),  # v1 layout
+        ([msgpack.packb([2, "metrics", "r", 1, 0.0, 1, ""]), msgpack.packb({"data": {}})], InvalidField),
+        ([msgpack.packb([2, "metrics", "r", 1, 0.0, 1, "../x"]), msgpack.packb({"data": {}})], InvalidField),
+        ([msgpack.packb([2, "nope", "r", 1, 0.0, 1, "0123abcd"]), msgpack.packb({})], UnknownKind),
+        ([msgpack.packb([2, "metrics", "a/b", 1, 0.0, 1, "0123abcd"]), msgpack.packb({"data": {}})], InvalidField),
+        ([msgpack.packb([2, "metrics", "r", 0, 0.0, 1, "0123abcd"]), msgpack.packb({"data": {}})], InvalidField),
+        ([msgpack.packb([2, "metrics", "r", 1, 0.0, 1, "0123abcd"]), msgpack.packb({"data": {"x": {"y": 1}}})], InvalidField),
+        ([msgpack.packb([2, "metrics", "r", 1, 0.0, 1, "0123abcd"]), msgpack.packb({"step": 1})], InvalidField),
+        ([msgpack.packb([2, "metrics", "r", 1, 0.0, 1, "0123abcd"]), msgpack.packb({"data": {}, "extra": 1})], InvalidField),
+        ([msgpack.packb([2, "run_finish", "r", 1, 0.0, 1, "0123abcd"]), msgpack.packb({"exit_code": "0"})], InvalidField),
         ([b"\x00" * (MAX_HEADER_BYTES + 1)], LimitExceeded),
-        ([msgpack.packb([1, "metrics", "r", 1, 0.0, 1]), msgpack.packb({}), b"", b""], LimitExceeded),
+        ([msgpack.packb([2, "metrics", "r", 1, 0.0, 1, "0123abcd"]), msgpack.packb({}), b"", b""], LimitExceeded),
     ],
 )
 def test_bad_messages_raise_the_protocol_error_for_their_reason(frames, error) -> None:  # type: ignore[no-untyped-def]
@@ -68,11 +71,11 @@ def test_bad_messages_raise_the_protocol_error_for_their_reason(frames, error) -
 
 def test_array_reference_outside_blob_and_bad_dtype_are_refused() -> None:
     frames = encode(Kind.PRED_BATCH, "r", 1, 0.0, {"tag": "t", "indices": [0], "boxes": [np.zeros((1, 4), np.float32)],
-                                                   "scores": [np.zeros(1, np.float32)], "labels": [np.zeros(1, np.int64)]})
+                                                   "scores": [np.zeros(1, np.float32)], "labels": [np.zeros(1, np.int64)]}, incarnation="0123abcd")
     with pytest.raises(MalformedFrame):
         decode([frames[0], frames[1], frames[2][:-4]])  # truncated blob
     with pytest.raises(TypeError):
-        encode(Kind.PRED_BATCH, "r", 1, 0.0, {"x": np.zeros(2, dtype=object)})
+        encode(Kind.PRED_BATCH, "r", 1, 0.0, {"x": np.zeros(2, dtype=object)}, incarnation="0123abcd")
     ref = msgpack.packb(["complex128", [1], 0, 16])
     body = msgpack.packb({"tag": "t", "indices": [], "boxes": [msgpack.ExtType(1, ref)], "scores": [], "labels": []})
     with pytest.raises(LimitExceeded):
@@ -99,7 +102,7 @@ _msgpack_values = st.recursive(
 @given(st.sampled_from(list(Kind)), st.text(max_size=10), st.integers(-5, 2**64 - 1), _msgpack_values,
        st.dictionaries(st.text(max_size=12), _msgpack_values, max_size=6))
 def test_structured_garbage_decodes_or_raises_protocol_error(kind, run_id, seq, t, body) -> None:  # type: ignore[no-untyped-def]
-    frames = [msgpack.packb([1, kind.value, run_id, seq, t, 1]), msgpack.packb(body)]
+    frames = [msgpack.packb([2, kind.value, run_id, seq, t, 1, "0123abcd"]), msgpack.packb(body)]
     try:
         msg = decode(frames)
     except ProtocolError:
@@ -109,29 +112,29 @@ def test_structured_garbage_decodes_or_raises_protocol_error(kind, run_id, seq, 
 
 def test_image_and_config_round_trip_and_bad_images_are_refused() -> None:
     image = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
-    msg = decode(encode(Kind.IMAGE, "r", 2, 0.0, {"name": "val_img", "image": image, "step": 3}))
+    msg = decode(encode(Kind.IMAGE, "r", 2, 0.0, {"name": "val_img", "image": image, "step": 3}, incarnation="0123abcd"))
     np.testing.assert_array_equal(msg.body["image"], image)
-    assert decode(encode(Kind.CONFIG, "r", 3, 0.0, {"config": {"a": [1, {"b": None}]}})).body == {
+    assert decode(encode(Kind.CONFIG, "r", 3, 0.0, {"config": {"a": [1, {"b": None}]}}, incarnation="0123abcd")).body == {
         "config": {"a": [1, {"b": None}]}}
     code = {"root": "/work", "name": None, "program": "tools/train.py"}
-    assert decode(encode(Kind.RUN_START, "r", 1, 0.0, {"init_kwargs": {}, "code": code})).body["code"] == code
+    assert decode(encode(Kind.RUN_START, "r", 1, 0.0, {"init_kwargs": {}, "code": code}, incarnation="0123abcd")).body["code"] == code
     for body in ({"name": "x", "image": image.astype(np.float32)},  # not uint8
                  {"name": "x", "image": np.zeros((4, 4, 2), np.uint8)},  # 2 channels
                  {"name": "x", "image": np.zeros((0, 4, 3), np.uint8)},  # empty
                  {"name": "", "image": image},
                  {"name": "x", "image": image, "step": -1}):
         with pytest.raises(InvalidField):
-            decode(encode(Kind.IMAGE, "r", 2, 0.0, body))
+            decode(encode(Kind.IMAGE, "r", 2, 0.0, body, incarnation="0123abcd"))
     with pytest.raises(InvalidField):
-        decode(encode(Kind.RUN_START, "r", 1, 0.0, {"init_kwargs": {}, "code": {"root": "/w", "extra": "x"}}))
+        decode(encode(Kind.RUN_START, "r", 1, 0.0, {"init_kwargs": {}, "code": {"root": "/w", "extra": "x"}}, incarnation="0123abcd"))
 
 
 def test_one_multipart_carries_a_batch_of_messages() -> None:
     from protocol import split
 
-    msgs = [encode(Kind.METRICS, "r", i, 0.0, {"data": {"x": float(i)}, "step": i}) for i in range(1, 4)]
+    msgs = [encode(Kind.METRICS, "r", i, 0.0, {"data": {"x": float(i)}, "step": i}, incarnation="0123abcd") for i in range(1, 4)]
     msgs.insert(1, encode(Kind.PRED_BATCH, "r", 9, 0.0, {"tag": "t", "indices": [0], "boxes": [np.zeros((1, 4), np.float32)],
-                                                        "scores": [np.ones(1, np.float32)], "labels": [np.zeros(1, np.int64)]}))
+                                                        "scores": [np.ones(1, np.float32)], "labels": [np.zeros(1, np.int64)]}, incarnation="0123abcd"))
     multipart = [f for m in msgs for f in m]
     parts = list(split(multipart))
     assert [len(f) for _, f in parts] == [2, 3, 2, 2]

@@ -150,12 +150,12 @@ def test_fuzzing_a_live_sidecar_rejects_garbage_and_keeps_serving(sidecar: Sidec
 
     rng = random.Random(1234)
     valid = [
-        encode(Kind.RUN_START, "fuzz", 1, 0.0, {"init_kwargs": {"project": "fuzz"}}),
-        encode(Kind.METRICS, "fuzz", 2, 0.0, {"data": {"loss": 0.5, "acc": 1}, "step": 3}),
-        encode(Kind.CHECKPOINT, "fuzz", 3, 0.0, {"path": str(tmp_path / "x.pth"), "aliases": ["latest"]}),
+        encode(Kind.RUN_START, "fuzz", 1, 0.0, {"init_kwargs": {"project": "fuzz"}}, incarnation="0123abcd"),
+        encode(Kind.METRICS, "fuzz", 2, 0.0, {"data": {"loss": 0.5, "acc": 1}, "step": 3}, incarnation="0123abcd"),
+        encode(Kind.CHECKPOINT, "fuzz", 3, 0.0, {"path": str(tmp_path / "x.pth"), "aliases": ["latest"]}, incarnation="0123abcd"),
         encode(Kind.PRED_BATCH, "fuzz", 4, 0.0, {"tag": "epoch_1", "indices": [0], "boxes": [np.ones((2, 4), np.float32)],
-                                                 "scores": [np.ones(2, np.float32)], "labels": [np.zeros(2, np.int64)]}),
-        encode(Kind.HEARTBEAT, "fuzz", 0, 0.0, {}),
+                                                 "scores": [np.ones(2, np.float32)], "labels": [np.zeros(2, np.int64)]}, incarnation="0123abcd"),
+        encode(Kind.HEARTBEAT, "fuzz", 0, 0.0, {}, incarnation="0123abcd"),
     ]
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)

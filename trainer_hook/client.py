@@ -137,6 +137,9 @@ class SidecarClient:
         self.addr = addr
         self.run_id = str(run_id or init.get("id") or generate_run_id())
         init["id"] = self.run_id
+        #: This client's random token: the sidecar counts sequence numbers per (run id, incarnation), so
+        #: a resumed training (same run id, new process) is a new sequence, not a stream of duplicates.
+        self.incarnation = secrets.token_hex(8)
         self.max_pending = max_pending
         self.max_backlog_bytes = max_backlog_bytes
         self.spill_dir = _default_spill_dir() if spill_dir is _DEFAULT_SPILL else spill_dir
@@ -365,7 +368,8 @@ class _IOThread(threading.Thread):
                 return
             self.seq += 1
             item.seq = self.seq
-            item.frames.insert(0, encode_header(item.kind, self.c.run_id, item.seq, item.time, len(item.frames)))
+            item.frames.insert(0, encode_header(item.kind, self.c.run_id, item.seq, item.time, len(item.frames),
+                                                     self.c.incarnation))
             if not self.window:
                 self.last_progress = time.monotonic()
             self.window.append(item)
@@ -397,7 +401,8 @@ class _IOThread(threading.Thread):
             return
         self.last_heartbeat = now
         try:
-            sock.send_multipart([encode_header(Kind.HEARTBEAT, self.c.run_id, 0, time.time()), *encode_body({})],
+            sock.send_multipart([encode_header(Kind.HEARTBEAT, self.c.run_id, 0, time.time(), 1,
+                                                             self.c.incarnation), *encode_body({})],
                                 flags=zmq.NOBLOCK)
         except zmq.Again:
             self.c._counters["heartbeat_unsent"] += 1
