@@ -60,6 +60,9 @@ class Header(NamedTuple):  # a NamedTuple: built once per message, ~4x cheaper t
 class Message:
     header: Header
     body: dict[str, Any] = field(default_factory=dict)
+    #: Not on the wire: the receiver's position of this message in its run's journal (one counter per run
+    #: across incarnations), which orders delivery and compaction.
+    index: int = 0
 
     @property
     def kind(self) -> Kind:

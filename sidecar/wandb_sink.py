@@ -20,6 +20,7 @@ from protocol import Kind, Message
 from protocol.limits import SPOOL_DIR_NAME
 
 from .media import MediaBuilder
+from .paths import FileGuard
 from .wandb_files import Persisted, persisted, wandb_root
 
 log = logging.getLogger("sidecar.wandb")
@@ -32,7 +33,7 @@ class SinkError(RuntimeError):
 
 
 class WandbSink:
-    def __init__(self, run_id: str, file_guard: "FileGuard", state_dir: Path | None = None) -> None:
+    def __init__(self, run_id: str, file_guard: FileGuard, state_dir: Path | None = None) -> None:
         self.run_id = run_id
         self.guard = file_guard
         self.state_dir = state_dir
@@ -42,7 +43,7 @@ class WandbSink:
         self.run: Any = None
         self.pending_step: int | None = None
         self.pending_row: dict[str, Any] = {}
-        self.pending_first_seq = 0
+        self.pending_first_index = 0
         self.counters: dict[str, int] = {}
         self.media: MediaBuilder | None = None
 
@@ -60,6 +61,9 @@ class WandbSink:
         body = msg.body
         init = dict(body["init_kwargs"])
         init["id"] = self.run_id
+        if init.get("mode") == "online" and os.environ.get("WANDB_MODE") in ("offline", "dryrun"):
+            init["mode"] = "offline"  # the operator's offline sidecar stays offline whatever a trainer asks
+            self._count("mode_kept_offline")
         settings = init.pop("settings", None)
         settings = wandb.Settings(**settings) if isinstance(settings, dict) else wandb.Settings()
         settings.console = "off"
@@ -175,7 +179,7 @@ class WandbSink:
 
     def metrics(self, msg: Message) -> None:
         body = msg.body
-        self._log_row(body["data"], body.get("step"), body.get("commit", True), msg.seq)
+        self._log_row(body["data"], body.get("step"), body.get("commit", True), msg.index)
 
     def image(self, msg: Message) -> None:
         """An image joins its step's row like metrics (``wandb.Image`` encodes it when the row is logged)."""
@@ -188,10 +192,10 @@ class WandbSink:
         held = self.pending_row.get(name) if step is not None and step == self.pending_step and commit else None
         if isinstance(held, (wandb.Image, list)):  # several images of one name in one step: keep them all
             value = [*(held if isinstance(held, list) else [held]), value]
-        self._log_row({name: value}, step, commit, msg.seq)
+        self._log_row({name: value}, step, commit, msg.index)
         self._count("images")
 
-    def _log_row(self, data: dict[str, Any], step: int | None, commit: bool, seq: int) -> None:
+    def _log_row(self, data: dict[str, Any], step: int | None, commit: bool, index: int) -> None:
         """Coalesce everything of one step into one ``run.log`` (see the module docstring)."""
         if step is None or commit is False:
             self.flush_metrics()
@@ -201,7 +205,7 @@ class WandbSink:
         if self.pending_step is None or step > self.pending_step:
             self.flush_metrics()
             self.pending_step = step
-            self.pending_first_seq = seq
+            self.pending_first_index = index
             self.pending_row = dict(data)
         elif step == self.pending_step:
             self.pending_row.update(data)
@@ -217,11 +221,11 @@ class WandbSink:
             self.last_step_logged = max(self.last_step_logged, self.pending_step)
             self._count("log_calls")
         self.pending_row = {}
-        self.pending_first_seq = 0
+        self.pending_first_index = 0
 
     def undelivered_from(self) -> int:
-        """First sequence number only held in the open row (0 when none)."""
-        return self.pending_first_seq
+        """First journal index only held in the open row (0 when none)."""
+        return self.pending_first_index
 
     # ------------------------------------------------------------------------------- artifacts
 
@@ -264,19 +268,3 @@ class WandbSink:
     def pred_batch(self, msg: Message) -> None:
         assert self.media is not None
         self.media.pred_table(msg.body)
-
-
-class FileGuard:
-    """Resolve a path (symlinks, ``..``) and allow it only under the configured roots."""
-
-    def __init__(self, roots: list[str | os.PathLike[str]]) -> None:
-        self.roots = [Path(r).resolve() for r in roots]
-
-    def check(self, path: str) -> Path | None:
-        try:
-            resolved = Path(path).resolve(strict=False)
-        except (OSError, RuntimeError, ValueError):
-            return None
-        if any(resolved == r or resolved.is_relative_to(r) for r in self.roots):
-            return resolved
-        return None
