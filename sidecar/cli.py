@@ -36,6 +36,19 @@ def _choose_wandb_mode() -> str:
     return os.environ.get("WANDB_MODE", "online")
 
 
+def _already_served(bind: str) -> bool:
+    """Is another sidecar answering at this ipc:// path? (ZeroMQ would silently replace its socket file.)"""
+    if not bind.startswith("ipc://") or not os.path.exists(bind[len("ipc://"):]):
+        return False
+    from .status_view import Unreachable, fetch_status
+
+    try:
+        fetch_status(bind, 1.0)
+        return True
+    except Unreachable:
+        return False
+
+
 def _setup_logging(level: str, fmt: str = "text") -> None:
     from .logs import setup_logging
 
@@ -95,6 +108,10 @@ def serve(bind: str, journal_dir: str, allow_roots: tuple[str, ...], heartbeat_t
         security = socket_security(bind, curve_secret_key, curve_authorized_keys, insecure)
     except (InsecureBindRefused, ValueError) as exc:
         log.error("%s", exc)
+        sys.exit(2)
+    if _already_served(bind):
+        log.error("a sidecar already serves %s; stop it first or bind elsewhere (binding again would take its "
+                  "socket away from it)", bind)
         sys.exit(2)
     mode = _choose_wandb_mode()
     from .server import SidecarServer  # imports wandb: keep `status` fast
