@@ -79,6 +79,9 @@ def main() -> None:
 @click.option("--retention", default=7 * 24 * 3600.0, show_default=True, type=float, envvar="WANDB_SIDECAR_RETENTION",
               help="Seconds a finished run stays in status, the metrics and the journal's records (to "
                    "acknowledge late resends and resume it) before it is forgotten.")
+@click.option("--journal-trim-bytes", default=4 * 1024 * 1024, show_default=True, type=click.IntRange(min=1),
+              envvar="WANDB_SIDECAR_JOURNAL_TRIM_BYTES",
+              help="An open run's journal is compacted, up to what wandb provably holds, once it is this large.")
 @click.option("--max-runs", default=1000, show_default=True, type=click.IntRange(min=1),
               envvar="WANDB_SIDECAR_MAX_RUNS", help="Live runs served at once; a new run beyond it is refused.")
 @click.option("--curve-secret-key", type=click.Path(dir_okay=False, exists=True), envvar="WANDB_SIDECAR_CURVE_SECRET",
@@ -96,7 +99,8 @@ def main() -> None:
 @click.option("--metrics-host", default="127.0.0.1", show_default=True, envvar="WANDB_SIDECAR_METRICS_HOST",
               help="Address the metrics endpoint listens on (0.0.0.0 inside a container).")
 def serve(bind: str, journal_dir: str, allow_roots: tuple[str, ...], heartbeat_timeout: float,
-          no_fsync: bool, replay_backoff: float, retention: float, max_runs: int, curve_secret_key: str | None, curve_authorized_keys: str | None, insecure: bool,
+          no_fsync: bool, replay_backoff: float, retention: float, journal_trim_bytes: int, max_runs: int,
+          curve_secret_key: str | None, curve_authorized_keys: str | None, insecure: bool,
           log_level: str, log_format: str, metrics_port: int | None, metrics_host: str) -> None:
     """Receive from trainers and do all wandb work. SIGTERM drains, finishes every run, exits 0."""
     _setup_logging(log_level, log_format)
@@ -118,7 +122,8 @@ def serve(bind: str, journal_dir: str, allow_roots: tuple[str, ...], heartbeat_t
 
     server = SidecarServer(bind, journal_dir, list(allow_roots) or [os.getcwd()],
                            heartbeat_timeout=heartbeat_timeout, fsync=not no_fsync, socket_setup=security,
-                           replay_backoff=replay_backoff, retention=retention, max_runs=max_runs)
+                           replay_backoff=replay_backoff, retention=retention, max_runs=max_runs,
+                           trim_bytes=journal_trim_bytes)
 
     def on_signal(signum: int, _frame: object) -> None:
         if server._stop.is_set():

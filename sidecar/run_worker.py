@@ -18,12 +18,15 @@ from typing import Callable, Iterable
 
 from protocol import Kind, Message
 
+from .journal_trim import JournalTrimmer, live_run_file
 from .paths import FileGuard
+from .wandb_log_tail import WandbLogTail
 from .wandb_sink import WandbSink
 
 log = logging.getLogger("sidecar.worker")
 
 _STOP = object()
+_IDLE_TICK = 1.0  # seconds an idle worker waits before looking at its journal again
 #: Exit code given to a run whose trainer stopped sending heartbeats.
 LOST_EXIT_CODE = 255
 #: Tries of a checkpoint or table upload before it is skipped (and counted as ``failed_<kind>``).
@@ -44,6 +47,7 @@ class RunWorker(threading.Thread):
         state_dir: Path | None = None,
         start: Message | None = None,
         replay: Callable[[], Iterable[Message]] | None = None,
+        trimmer: JournalTrimmer | None = None,
     ) -> None:
         super().__init__(name=f"run-{run_id}", daemon=True)
         self.run_id = run_id
@@ -63,6 +67,9 @@ class RunWorker(threading.Thread):
         self.ended = False  # the thread is done; offer() refuses
         self._start_msg: Message | None = start  # the run start wandb.init uses (a resume after a restart)
         self._replay = replay  # journaled messages to apply before the queue (recovery, incomplete runs)
+        self.trimmer = trimmer  # compacts the open run's journal up to what wandb holds
+        self._log_tail: WandbLogTail | None = None
+        self._noted = 0
         self._last_mark = 0.0
 
     def submit(self, msg: Message) -> None:
@@ -91,16 +98,22 @@ class RunWorker(threading.Thread):
         if self._replay is not None:
             for msg in self._replay():  # drained at SIGTERM too, as the queue is: it was queued first
                 self._apply_with_retry(msg)
+                self._note_for_trim()
                 if time.monotonic() - self._last_mark > 0.5:
                     self._mark_delivered()
             self._replay = None
         while True:
-            item = self.queue.get()
+            try:
+                item = self.queue.get(timeout=_IDLE_TICK)
+            except queue.Empty:  # idle: wandb may have written what it held since, so the journal can shrink
+                self._maybe_trim(self._delivery_mark())
+                continue
             if isinstance(item, tuple) and item[0] is _STOP:
                 self._finish(item[1])
             else:
                 assert isinstance(item, Message)
                 self._apply_with_retry(item)
+                self._note_for_trim()
             if self.run_ended:
                 with self._end_lock:  # the server offers nothing new while we decide
                     if self.queue.empty():  # at SIGTERM the stop is the last thing queued
@@ -189,11 +202,29 @@ class RunWorker(threading.Thread):
         known = self.sink.already_logged(msg)
         return msg.index <= self.delivered if known is None else known
 
-    def _mark_delivered(self) -> None:
+    def _delivery_mark(self) -> int:
+        """Every journal index up to this one was handed to wandb (the open row's messages were not yet)."""
         held = self.sink.undelivered_from()
-        seq = held - 1 if held else self.delivered
+        return held - 1 if held else self.delivered
+
+    def _mark_delivered(self) -> None:
+        mark = self._delivery_mark()
         self._last_mark = time.monotonic()
-        self.on_delivered(self.run_id, seq)
+        self.on_delivered(self.run_id, mark)
+        self._maybe_trim(mark)
+
+    def _note_for_trim(self) -> None:
+        if self.trimmer is not None and self.delivered - self._noted >= 100:
+            self._noted = self.delivered
+            self.trimmer.note(self._delivery_mark(), self.sink.last_step_logged)
+
+    def _maybe_trim(self, mark: int) -> None:
+        run = self.sink.run
+        if self.trimmer is None or run is None:
+            return
+        if self._log_tail is None or self._log_tail.path != live_run_file(run.dir, self.run_id):
+            self._log_tail = WandbLogTail(live_run_file(run.dir, self.run_id))
+        self.trimmer.maybe_trim(mark, self.sink.last_step_logged, run.offline, self._log_tail.max_step)
 
     def _finish(self, exit_code: int | None) -> None:
         missing = ""
