@@ -3,8 +3,11 @@ and client authentication by public key, pyzmq's ``zmq.auth``) unless the operat
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import logging
+import os
+import pwd
 from pathlib import Path
 from typing import Any
 
@@ -82,9 +85,46 @@ def socket_security(bind: str, secret_key_file: str | None, authorized_keys_dir:
     return None
 
 
-def make_keys(directory: str, name: str) -> tuple[str, str]:
-    """Write ``name.key`` (public, give it out) and ``name.key_secret`` (keep it) into ``directory``."""
+def make_keys(directory: str, name: str, owner: str | None = None) -> tuple[str, str]:
+    """Write ``name.key`` (public, give it out) and ``name.key_secret`` (keep it: 0600) into ``directory``.
+
+    ``owner`` ("USER[:GROUP]", names or numbers) gives both files to whoever must read the secret key:
+    keys made by root for the sidecar's container (uid 1000) are otherwise unreadable there. Changing the
+    owner to another user needs root; a failure removes the half-made pair and raises PermissionError."""
+    uid, gid = _parse_owner(owner) if owner else (-1, -1)
     Path(directory).mkdir(parents=True, exist_ok=True)
     public, secret = zmq.auth.create_certificates(directory, name)
     Path(secret).chmod(0o600)
+    if owner:
+        try:
+            for path in (public, secret):
+                os.chown(path, uid, gid)
+        except PermissionError as exc:
+            for path in (public, secret):
+                Path(path).unlink(missing_ok=True)
+            raise PermissionError(f"cannot give {name}'s keys to {owner} ({exc.strerror}): only root can; run "
+                                  "`wandb-sidecar keys` as root (in the image: `docker compose run --user 0 ...`)") from exc
     return public, secret
+
+
+def _parse_owner(owner: str) -> tuple[int, int]:
+    """"USER[:GROUP]" (names or numbers) to (uid, gid); the user's own group when GROUP is left out."""
+    user, _, group = owner.partition(":")
+    try:
+        entry = pwd.getpwnam(user) if not user.isdigit() else None
+    except KeyError:
+        raise ValueError(f"no user {user!r} here (give a number to name a user of another machine)") from None
+    uid = entry.pw_uid if entry else int(user)
+    if group:
+        try:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ValueError(f"no group {group!r} here") from None
+    elif entry:
+        gid = entry.pw_gid
+    else:
+        try:
+            gid = pwd.getpwuid(uid).pw_gid
+        except KeyError:
+            gid = uid  # no such user here (a container's uid): its private group, as useradd makes
+    return uid, gid

@@ -304,7 +304,8 @@ class SidecarServer:
             return ""
         for path in paths:
             if not isinstance(path, str) or self.guard.check(path) is None:
-                return f"{str(path)[:300]!r} is outside the allowed roots {[str(r) for r in self.guard.roots]}"
+                return (f"{str(path)[:300]!r} is outside the allowed roots {[str(r) for r in self.guard.roots]}"
+                        " (the sidecar opens the path the trainer sends: write under a root, by its absolute path)")
         return ""
 
     def _reject(self, peer: bytes, exc: ProtocolError, header: Header | None = None) -> None:
