@@ -91,7 +91,7 @@ def make_keys(directory: str, name: str, owner: str | None = None) -> tuple[str,
     ``owner`` ("USER[:GROUP]", names or numbers) gives both files to whoever must read the secret key:
     keys made by root for the sidecar's container (uid 1000) are otherwise unreadable there. Changing the
     owner to another user needs root; a failure removes the half-made pair and raises PermissionError."""
-    uid, gid = _parse_owner(owner) if owner else (-1, -1)
+    uid, gid = _owner_ids(owner) if owner else (-1, -1)
     Path(directory).mkdir(parents=True, exist_ok=True)
     public, secret = zmq.auth.create_certificates(directory, name)
     Path(secret).chmod(0o600)
@@ -107,24 +107,12 @@ def make_keys(directory: str, name: str, owner: str | None = None) -> tuple[str,
     return public, secret
 
 
-def _parse_owner(owner: str) -> tuple[int, int]:
-    """"USER[:GROUP]" (names or numbers) to (uid, gid); the user's own group when GROUP is left out."""
+def _owner_ids(owner: str) -> tuple[int, int]:
+    """"USER[:GROUP]", names or numbers, to (uid, gid); gid -1 (left as it is) when GROUP is left out."""
     user, _, group = owner.partition(":")
     try:
-        entry = pwd.getpwnam(user) if not user.isdigit() else None
+        uid = int(user) if user.isdigit() else pwd.getpwnam(user).pw_uid
+        gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid if group else -1
     except KeyError:
-        raise ValueError(f"no user {user!r} here (give a number to name a user of another machine)") from None
-    uid = entry.pw_uid if entry else int(user)
-    if group:
-        try:
-            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
-        except KeyError:
-            raise ValueError(f"no group {group!r} here") from None
-    elif entry:
-        gid = entry.pw_gid
-    else:
-        try:
-            gid = pwd.getpwuid(uid).pw_gid
-        except KeyError:
-            gid = uid  # no such user here (a container's uid): its private group, as useradd makes
+        raise ValueError(f"no such user or group here: {owner!r} (give numbers for those of another machine)") from None
     return uid, gid

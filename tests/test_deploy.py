@@ -252,7 +252,7 @@ def test_keys_owner_without_root_is_a_clear_error_and_leaves_no_half_pair(shared
 
 def test_keys_owner_names_must_exist() -> None:
     result = CliRunner().invoke(cli.main, ["keys", "/nonexistent-never-made", "--owner", "no-such-user-here"])
-    assert result.exit_code == 1 and "no user 'no-such-user-here'" in result.output
+    assert result.exit_code == 1 and "no such user or group here: 'no-such-user-here'" in result.output
     assert not Path("/nonexistent-never-made").exists()
 
 
