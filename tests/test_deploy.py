@@ -35,7 +35,8 @@ from trainer_hook.spool import spool_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 SIDECAR_UID = 1000  # the image's user (Dockerfile: useradd --uid 1000 sidecar)
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="runs processes as another uid: needs root")
+needs_root = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                                reason="runs processes as another uid: needs root and setpriv (util-linux)")
 
 
 def _as_user(uid: int, *argv: str) -> subprocess.CompletedProcess[str]:
