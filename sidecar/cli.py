@@ -187,11 +187,16 @@ def status(connect: str, as_json: bool, timeout: float, watch: float | None, cou
 @main.command()
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--name", default="server", show_default=True, help="Key pair name, e.g. server or trainer-node1.")
-def keys(directory: str, name: str) -> None:
+@click.option("--owner", metavar="USER[:GROUP]",
+              help="Give the files to this user (needs root), e.g. `sidecar` for the image's keys, `$(id -u)` for yours.")
+def keys(directory: str, name: str, owner: str | None) -> None:
     """Make a CurveZMQ key pair: NAME.key (public, hand it out) and NAME.key_secret (keep it)."""
     from .auth import make_keys
 
-    public, secret = make_keys(directory, name)
+    try:
+        public, secret = make_keys(directory, name, owner)
+    except (ValueError, PermissionError) as exc:
+        raise click.ClickException(str(exc)) from exc
     click.echo(f"public key: {public}\nsecret key: {secret}")
 
 

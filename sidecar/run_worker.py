@@ -29,7 +29,9 @@ _STOP = object()
 _IDLE_TICK = 1.0  # seconds an idle worker waits before looking at its journal again
 #: Exit code given to a run whose trainer stopped sending heartbeats.
 LOST_EXIT_CODE = 255
-#: Tries of a checkpoint or table upload before it is skipped (and counted as ``failed_<kind>``).
+#: Tries of a checkpoint or table upload before it is skipped (and counted as ``failed_<kind>``). A retry
+#: never logs a second artifact version: the sink skips an upload wandb already took for that message, and
+#: what follows an upload (removing the spool link) logs its failure instead of raising.
 ARTIFACT_ATTEMPTS = 3
 _ARTIFACT_KINDS = frozenset({Kind.CHECKPOINT, Kind.VAL_DATA, Kind.PRED_BATCH})
 
