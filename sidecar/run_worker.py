@@ -65,8 +65,8 @@ class RunWorker(threading.Thread):
         self.finished_with: int | None = None
         self._stopping = threading.Event()
         self._end_lock = threading.Lock()
-        self.run_ended = False  # the wandb run was just finished (by the trainer, as lost, or at SIGTERM)
-        self.ended = False  # the thread is done; offer() refuses
+        self.wandb_run_finished = False  # just finished (by the trainer, as lost, or at SIGTERM)
+        self.thread_done = False  # the thread is done; offer() refuses
         self._start_msg: Message | None = start  # the run start wandb.init uses (a resume after a restart)
         self._replay = replay  # journaled messages to apply before the queue (recovery, incomplete runs)
         self.trimmer = trimmer  # compacts the open run's journal up to what wandb holds
@@ -80,7 +80,7 @@ class RunWorker(threading.Thread):
     def offer(self, msg: Message) -> bool:
         """Queue ``msg`` unless this worker has ended (the server then starts a new one for the run)."""
         with self._end_lock:
-            if self.ended:
+            if self.thread_done:
                 return False
             self.queue.put(msg)
             return True
@@ -116,12 +116,12 @@ class RunWorker(threading.Thread):
                 assert isinstance(item, Message)
                 self._apply_with_retry(item)
                 self._note_for_trim()
-            if self.run_ended:
+            if self.wandb_run_finished:
                 with self._end_lock:  # the server offers nothing new while we decide
                     if self.queue.empty():  # at SIGTERM the stop is the last thing queued
-                        self.ended = True
+                        self.thread_done = True
                         return
-                self.run_ended = False  # the trainer came back while its run was finishing: resume it
+                self.wandb_run_finished = False  # the trainer came back while its run was finishing: resume it
             if self.queue.empty() or time.monotonic() - self._last_mark > 0.5:
                 self._mark_delivered()
 
@@ -154,7 +154,7 @@ class RunWorker(threading.Thread):
                     log.error("run %s: %s; stopping: it stays in the journal for the next start",
                               self.run_id, self.last_error)
                     with self._end_lock:
-                        self.ended = True
+                        self.thread_done = True
                     raise SystemExit from exc
                 log.error("run %s: %s; retrying in %.0f s", self.run_id, self.last_error, delay)
                 self._stopping.wait(delay)
@@ -239,7 +239,7 @@ class RunWorker(threading.Thread):
             self.last_error = f"finish: {type(exc).__name__}: {exc}"
             log.error("run %s: %s", self.run_id, self.last_error)
         self.finished_with = exit_code
-        self.run_ended = True
+        self.wandb_run_finished = True
         self.on_delivered(self.run_id, self.delivered)
         if missing:
             self.state = "incomplete"
