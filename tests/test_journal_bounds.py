@@ -39,6 +39,9 @@ def test_an_open_runs_journal_is_trimmed_once_wandb_holds_it(tmp_path: Path) -> 
     with SidecarProcess(tmp_path, "--journal-trim-bytes", "100000", port=sidecar.port) as sidecar:
         _log_steps(client, range(23_000, 23_100))
         assert client.finish(timeout=120)
+        # after a SIGKILL the killed sidecar's wandb service may hold the run a while ("run ID is in use"):
+        # wandb.init is retried; a SIGTERM before it succeeds would leave the rest in the journal
+        sidecar.wait_for(lambda s: s["runs"]["trim1"]["state"] == "finished", timeout=600)
         assert sidecar.stop() == 0
     run = read_runs(sidecar.wandb_dir)["trim1"]
     assert run.steps() == list(range(23_100))
