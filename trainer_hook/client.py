@@ -72,6 +72,8 @@ _MESSAGE_BYTES = 256
 #: Rejections after which nothing of this incarnation will ever be accepted.
 PERMANENT_REJECTIONS = frozenset({"init_refused", "init_failed"})
 _MAX_RESEND_INTERVAL = 30.0
+#: Dead clients' spills one new client takes over (one thread and connection each); the rest wait for the next.
+MAX_ORPHANS_TAKEN = 4
 
 _DEFAULT_SPILL: Any = object()
 
@@ -449,7 +451,8 @@ class _IOThread(threading.Thread):
         self.started = time.monotonic()
         self.answered = False  # the sidecar has answered at least once
         self.last_progress = time.monotonic()
-        self.resend_interval = client.ack_timeout
+        self.resend_interval = client.ack_timeout  # grows (to 30 s) while the run id is in use elsewhere
+        self.in_use_refused = False
         self.last_heartbeat = 0.0
 
     # -- socket
@@ -519,7 +522,7 @@ class _IOThread(threading.Thread):
         else:
             self.outbox.put(self.start_item)
             if client.spill_dir is not None:
-                for owner in claim_orphans(Path(client.spill_dir)):
+                for owner in claim_orphans(Path(client.spill_dir), limit=MAX_ORPHANS_TAKEN):
                     SidecarClient._deliver_orphan(owner, client)
 
     def _orphan_done(self) -> bool:
@@ -634,6 +637,9 @@ class _IOThread(threading.Thread):
             return
         now = time.monotonic()
         if self.window and self.next_send > 0 and now - self.last_progress > self.resend_interval:
+            if self.in_use_refused:  # the last round was refused as run_in_use: resend less and less often
+                self.resend_interval = min(_MAX_RESEND_INTERVAL, self.resend_interval * 2)
+                self.in_use_refused = False
             client._counters["resent"] += self.next_send
             self.next_send = 0  # go back N: the sidecar drops what it already has
             self.last_progress = now
@@ -745,8 +751,8 @@ class _IOThread(threading.Thread):
         reason = body["reason"]
         client._counters[f"rejected_{reason}"] += 1
         if reason == "run_in_use":
-            # nothing of ours was accepted: keep everything, resend less and less often until it is
-            self.resend_interval = min(_MAX_RESEND_INTERVAL, max(self.resend_interval * 2, client.ack_timeout))
+            # nothing of ours was accepted: keep everything, resend (less and less often) until it is
+            self.in_use_refused = True
             client._warn_once(
                 "reject:run_in_use", "wandb sidecar at %s refuses run %s: another live trainer owns that run id "
                 "(%s). This trainer keeps its data and resends it; it lands once the other trainer has ended. "
@@ -766,13 +772,10 @@ class _IOThread(threading.Thread):
         """Stop sending: count what will never be accepted, release every waiter with ok=False."""
         client = self.client
         client._refused = reason
-        n = len(self.window) + len(self.outbox)
-        client._counters["undelivered"] += n
+        client._counters["undelivered"] += len(self.window) + self.outbox.discard()
         self.window.clear()
         self.window_bytes = 0
         self.next_send = 0
-        while self.outbox.pop() is not None:
-            pass
         for marker in self.markers:
             marker.ok = False
             marker.event.set()

@@ -159,6 +159,16 @@ class Outbox:
         self.memory_bytes = 0
         return self.spill.count
 
+    def discard(self) -> int:
+        """Throw everything away (the sidecar refused the run for good); returns how many messages."""
+        n = len(self)
+        self.head.clear()
+        self.tail.clear()
+        self.memory_bytes = 0
+        if self.spill is not None:
+            self.spill.close(keep=False)
+        return n
+
     def close(self, keep: bool = False) -> None:
         if self.spill is not None:
             self.spill.close(keep=keep)

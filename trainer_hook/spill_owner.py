@@ -87,15 +87,18 @@ def _parse_record(data: bytes) -> Packed | None:
         return None
 
 
-def claim_orphans(spill_dir: Path) -> list[SpillOwner]:
-    """Lock and return every orphaned spill directory in ``spill_dir`` that still holds segments; remove
-    orphans with nothing left to send. Never raises (a spill dir we cannot read is not ours to fix)."""
+def claim_orphans(spill_dir: Path, limit: int) -> list[SpillOwner]:
+    """Lock and return up to ``limit`` orphaned spill directories in ``spill_dir`` that still hold
+    segments; remove orphans with nothing left to send. Never raises (a spill dir we cannot read is not
+    ours to fix)."""
     found: list[SpillOwner] = []
     try:
         candidates = [p for p in spill_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
     except OSError:
         return found
     for directory in sorted(candidates):
+        if len(found) >= limit:
+            break
         try:
             fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CLOEXEC)
         except OSError:
