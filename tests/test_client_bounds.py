@@ -22,13 +22,14 @@ from tests.sidecar_process import SidecarProcess, free_port
 from trainer_hook import SidecarClient
 from trainer_hook.outbox import Outbox
 from trainer_hook.packed import Packed
-from trainer_hook.spill import SpillSegments
+from trainer_hook.spill import SpillSegments, record_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
 
 
-def _run(script: str, *args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def _run(script: str, *args: str, env: dict[str, str] | None = None,
+         timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=timeout,
                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
 
@@ -130,6 +131,31 @@ def test_never_dropped_messages_wait_behind_a_full_spill_in_order(tmp_path: Path
     while (item := outbox.pop()) is not None:
         orders.append(item.order)
     assert 60 in orders and orders == sorted(orders)
+
+
+def test_kept_at_exit_in_order_window_memory_spill_tail_and_taken_over_after_a_torn_write(tmp_path: Path) -> None:
+    counters: collections.Counter[str] = collections.Counter()
+    outbox = Outbox(50_000, SpillSegments(tmp_path / "spill", 300_000), counters)
+    unacked = [_metrics(order) for order in (1, 2, 3)]  # sent, never acknowledged
+    for order in range(4, 60):
+        outbox.put(_metrics(order))  # memory, then spill, then (spill full) dropped
+    outbox.put(Packed(Kind.RUN_FINISH, [b"f" * 40_000], 0.0, 40_000, 60))  # never dropped: waits behind the spill
+    assert outbox.tail and counters["dropped_backlog_full"] > 0
+    outbox.pop()  # one left for the window since
+    kept = outbox.keep_on_disk(unacked)
+    outbox.close(keep=True)
+    # the process died while appending one more record: a torn tail
+    last = sorted((tmp_path / "spill").glob("*.seg"))[-1]
+    with open(last, "ab") as f:
+        f.write(b"\x40\x00\x00\x00partial")
+    taken = SpillSegments(tmp_path / "spill", 10_000_000)  # the adopting client's limit
+    assert taken.count == kept and taken.torn_records == 1
+    taken.append(record_bytes(_metrics(61)))
+    orders = []
+    while (item := taken.pop()) is not None:
+        orders.append(item.order)
+    assert orders[:3] == [1, 2, 3] and orders[-2:] == [60, 61] and orders == sorted(orders)
+    assert len(orders) == kept + 1 and 4 not in orders  # 4 had left for the window
 
 
 def test_spill_drains_through_a_real_sidecar_within_its_limit(tmp_path: Path) -> None:

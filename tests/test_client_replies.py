@@ -4,21 +4,23 @@ peer (a real ROUTER socket) plays the sidecar where its support for a reply land
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from protocol import Header, Kind
 from tests.fake_peer import FakePeer, ack_everything
-from tests.sidecar_process import free_port
+from tests.sidecar_process import SidecarProcess, free_port
 from trainer_hook import SidecarClient
-
-
-def _no_answers(header: Header, peer: FakePeer) -> list:
-    return []
 
 
 def test_run_in_use_keeps_every_message_and_lands_once_the_other_trainer_ends(caplog) -> None:
@@ -117,11 +119,6 @@ print(json.dumps({"ok": ok, "steps": step, **client.stats()}), flush=True)
 
 def test_no_sidecar_warns_once_then_says_when_one_answers(tmp_path: Path) -> None:
     """As a new user sees it: plain logging (no handler configured), the trainer's stderr."""
-    import subprocess
-    import sys
-
-    from tests.sidecar_process import SidecarProcess
-
     sidecar = SidecarProcess(tmp_path)
     stop_file = tmp_path / "stop"
     proc = subprocess.Popen([sys.executable, "-c", _TRAINER, sidecar.addr, str(stop_file)], stdout=subprocess.PIPE,
@@ -139,8 +136,6 @@ def test_no_sidecar_warns_once_then_says_when_one_answers(tmp_path: Path) -> Non
     finally:
         if proc.poll() is None:
             proc.kill()
-    import json
-
     result = json.loads(out)
     assert result["ok"] and result["acked_seq"] == result["steps"] + 2
     assert "no answer" not in rest and "answers now" not in rest, "each line once"
@@ -163,13 +158,6 @@ def test_finish_false_says_how_many_were_not_delivered_and_where(caplog, tmp_pat
 
 def test_wandb_mode_disabled_never_connects(tmp_path: Path) -> None:
     """A ROUTER whose monitor must see no connection at all from a trainer run with WANDB_MODE=disabled."""
-    import os
-    import subprocess
-    import sys
-
-    import zmq
-    from zmq.utils.monitor import recv_monitor_message
-
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     port = router.bind_to_random_port("tcp://127.0.0.1")

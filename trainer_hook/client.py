@@ -60,6 +60,7 @@ from .spill_owner import SpillOwner, claim_orphans
 from .spool import spool_checkpoint
 from .spool_budget import SpoolBudget
 from .wandb_env import init_kwargs_from_env, is_disabled
+from .warn_once import WarnOnce
 
 log = logging.getLogger("trainer_hook")
 
@@ -208,7 +209,8 @@ class SidecarClient:
         self._inert = False
         self._finished = False
         if self.disabled:
-            log.info("wandb sidecar client: wandb mode is disabled; run %s logs nothing and never connects", self.run_id)
+            log.info("wandb sidecar client: wandb mode is disabled; run %s logs nothing and never connects",
+                     self.run_id)
             return
         # CurveZMQ key files (default: named by the environment); a bad file is a configuration error
         self._curve = _curve if _curve is not None else load_client_keys(curve_server_key, curve_client_key)
@@ -217,7 +219,7 @@ class SidecarClient:
         self._pending_added_bytes = 0
         self._pending_taken_bytes = 0
         self._counters: collections.Counter[str] = collections.Counter()
-        self._warned: set[str] = set()
+        self._warnings = WarnOnce(log)
         self._stop = threading.Event()
         self._acked = 0
         self._delivered: int | None = None
@@ -395,10 +397,6 @@ class SidecarClient:
             out["delivered_seq"] = self._delivered  # the sidecar's word on what reached wandb
         return out
 
-    def _warn_once(self, key: str, message: str, *args: Any, level: int = logging.WARNING) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            log.log(level, message, *args)
 
 
 def _finish_all_at_exit() -> None:
@@ -516,7 +514,7 @@ class _IOThread(threading.Thread):
             self.outbox.put_first(self.start_item)
             unread = list(spill.unread_kinds_and_orders()) if spill else []
             self.order = max([self.order, *(order for _, order in unread)])  # flush markers wait behind them
-            if Kind.RUN_FINISH not in {kind for kind, _ in unread}:  # its process died before finishing: end the run as lost
+            if Kind.RUN_FINISH not in {kind for kind, _ in unread}:  # it died before finishing: end it as lost
                 client._queue_finish(255)
             client._finished = True
         else:
@@ -537,9 +535,11 @@ class _IOThread(threading.Thread):
             unacked = [Packed(p.kind, p.frames[1:], p.time, p.nbytes, p.order) for p in self.window]
             try:
                 kept = self.outbox.keep_on_disk(unacked)
-            except OSError as exc:
-                log.error("wandb sidecar client: cannot keep %d undelivered messages in %s (%s); lost",
-                          undelivered, self.spill_owner.directory if self.spill_owner else None, exc)
+            except OSError as exc:  # what was already spilled stays valid on disk (rewrites are atomic)
+                kept = self.outbox.spill.count if self.outbox.spill is not None else 0
+                log.error("wandb sidecar client: cannot write %d undelivered messages to %s (%s); %d kept there, "
+                          "the rest lost", undelivered, self.spill_owner.directory if self.spill_owner else None,
+                          exc, kept)
         if undelivered:
             client._counters["undelivered"] += undelivered
         self.outbox.close(keep=bool(kept))
@@ -578,7 +578,8 @@ class _IOThread(threading.Thread):
                 continue
             if kind is Kind.CHECKPOINT and client.spool_checkpoints:
                 result: dict[str, Any] = {}
-                thread = threading.Thread(target=_spool_into, args=(body["path"], client.run_id, self.order + 1, result),
+                thread = threading.Thread(target=_spool_into,
+                                          args=(body["path"], client.run_id, self.order + 1, result),
                                           name=f"wandb-sidecar-spool-{client.run_id}", daemon=True)
                 thread.start()
                 self.spooling = (thread, result, entry)
@@ -590,7 +591,7 @@ class _IOThread(threading.Thread):
         if spooled is not None:
             if "error" in spooled:
                 client._counters["checkpoint_spool_failed"] += 1
-                client._warn_once("spool", "wandb sidecar: cannot spool checkpoint %s (%s)", body["path"],
+                client._warnings.warn("spool", "wandb sidecar: cannot spool checkpoint %s (%s)", body["path"],
                                   spooled["error"])
             else:
                 body = {**body, "path": spooled["path"], "source_path": body["path"], "spooled": True}
@@ -598,7 +599,7 @@ class _IOThread(threading.Thread):
             frames = encode_body(body)
         except (TypeError, ValueError, OverflowError) as exc:
             client._counters["dropped_unencodable"] += 1
-            client._warn_once(f"pack:{kind}", "wandb sidecar: cannot encode a %s message (%s); dropped", kind, exc)
+            client._warnings.warn(f"pack:{kind}", "wandb sidecar: cannot encode a %s message (%s); dropped", kind, exc)
             return
         self.order += 1
         if spooled is not None and "path" in spooled:
@@ -686,13 +687,13 @@ class _IOThread(threading.Thread):
                 msg = decode(frames)
             except ProtocolError as exc:
                 client._counters["bad_reply"] += 1
-                client._warn_once("bad_reply", "wandb sidecar sent a bad reply: %s", exc)
+                client._warnings.warn("bad_reply", "wandb sidecar sent a bad reply: %s", exc)
                 continue
             if msg.kind not in (Kind.ACK, Kind.REJECT):
                 continue
             if msg.header.run_id != client.run_id or msg.header.incarnation != client.incarnation:
                 client._counters["protocol_error_foreign_reply"] += 1
-                client._warn_once("foreign", "wandb sidecar at %s: protocol error: a %s for run %s incarnation %r, "
+                client._warnings.warn("foreign", "wandb sidecar at %s: protocol error: a %s for run %s incarnation %r, "
                                   "but this client is run %s incarnation %s; ignored", client.addr, msg.kind.value,
                                   msg.header.run_id, msg.header.incarnation, client.run_id, client.incarnation)
                 continue
@@ -705,7 +706,7 @@ class _IOThread(threading.Thread):
     def _answered(self) -> None:
         if not self.answered:
             self.answered = True
-            if "no_answer" in self.client._warned:
+            if "no_answer" in self.client._warnings:
                 log.warning("wandb sidecar client: the sidecar at %s answers now (run %s); sending what was "
                             "buffered", self.client.addr, self.client.run_id)
 
@@ -716,7 +717,7 @@ class _IOThread(threading.Thread):
         spill = self.outbox.spill
         where = (f"then up to {client.max_spill_bytes / 2**20:.0f} MiB on disk in {spill.directory}"
                  if spill is not None else "no disk spill")
-        client._warn_once(
+        client._warnings.warn(
             "no_answer", "wandb sidecar client: no answer from %s for %.0f s (run %s). Buffering up to %.0f MiB in "
             "memory, %s; nothing is lost until those fill. Start a sidecar with `wandb-sidecar serve --bind %s` "
             "(as the same user, with the same keys) or fix the address.", client.addr, client.no_answer_warning_after,
@@ -727,8 +728,8 @@ class _IOThread(threading.Thread):
         client = self.client
         if seq > self.highest_sent:
             client._counters["protocol_error_ack_unsent"] += 1
-            client._warn_once("ack_unsent", "wandb sidecar at %s: protocol error: it acknowledged seq %d of run %s, "
-                              "but this client has sent only up to %d; ignored", client.addr, seq, client.run_id,
+            client._warnings.warn("ack_unsent", "wandb sidecar at %s: protocol error: it acknowledged seq %d of run "
+                              "%s, but this client has sent only up to %d; ignored", client.addr, seq, client.run_id,
                               self.highest_sent)
             return
         if delivered is not None:
@@ -753,19 +754,19 @@ class _IOThread(threading.Thread):
         if reason == "run_in_use":
             # nothing of ours was accepted: keep everything, resend (less and less often) until it is
             self.in_use_refused = True
-            client._warn_once(
+            client._warnings.warn(
                 "reject:run_in_use", "wandb sidecar at %s refuses run %s: another live trainer owns that run id "
                 "(%s). This trainer keeps its data and resends it; it lands once the other trainer has ended. "
                 "Two trainers at once need two run ids.", client.addr, client.run_id, body["detail"],
                 level=logging.ERROR)
         elif reason in PERMANENT_REJECTIONS:
-            client._warn_once(
+            client._warnings.warn(
                 f"reject:{reason}", "wandb sidecar at %s refused run %s for good (%s: %s); nothing of this run will "
                 "be delivered. Fix the run's init_kwargs / settings (or WANDB_* variables) and start again.",
                 client.addr, client.run_id, reason, body["detail"], level=logging.ERROR)
             self._refused_for_good(reason)
         else:
-            client._warn_once(f"reject:{reason}", "wandb sidecar rejected message %d: %s", body["rejected_seq"],
+            client._warnings.warn(f"reject:{reason}", "wandb sidecar rejected message %d: %s", body["rejected_seq"],
                               body["detail"])
 
     def _refused_for_good(self, reason: str) -> None:

@@ -49,6 +49,9 @@ class SpillSegments:
         self.segment_bytes = max(MIN_SEGMENT_BYTES, max_bytes // SEGMENTS_PER_LIMIT)
         self.segments: list[int] = []  # numbers, oldest first
         self.sizes: dict[int, int] = {}
+        #: bytes of every segment file on disk (a partly read one counts whole until deleted); kept as a
+        #: running total so that another thread (``stats()``) can read it without iterating ``sizes``
+        self.disk_bytes = 0
         self.read_pos = 0  # offset of the next record in segments[0]
         self.count = 0  # records not yet read
         self.segments_deleted = 0
@@ -63,16 +66,15 @@ class SpillSegments:
     # -- state
 
     @property
-    def disk_bytes(self) -> int:
-        """Bytes of every segment file on disk (a partly read segment counts whole until it is deleted)."""
-        return sum(self.sizes.values())
-
-    @property
     def unread_bytes(self) -> int:
         return self.disk_bytes - (self.read_pos if self.segments else 0)
 
     def fits(self, record_len: int) -> bool:
         return self.disk_bytes + record_len <= self.max_bytes
+
+    def _set_size(self, number: int, size: int) -> None:
+        self.disk_bytes += size - self.sizes.get(number, 0)
+        self.sizes[number] = size
 
     # -- writing
 
@@ -91,7 +93,7 @@ class SpillSegments:
             self._open_writer(number)
         assert self._writer is not None
         self._writer.write(record)  # unbuffered: the reader (another handle) sees it at once
-        self.sizes[number] += len(record)
+        self._set_size(number, self.sizes[number] + len(record))
         self.count += 1
 
     def _open_writer(self, number: int) -> None:
@@ -159,7 +161,7 @@ class SpillSegments:
 
     def _delete_head(self) -> None:
         number = self.segments.pop(0)
-        del self.sizes[number]
+        self.disk_bytes -= self.sizes.pop(number)
         if self._reader_number == number and self._reader is not None:
             self._reader.close()
             self._reader, self._reader_number = None, -1
@@ -178,11 +180,15 @@ class SpillSegments:
                          if p.name[: -len(SEGMENT_SUFFIX)].isdigit())
         for number in numbers:
             self.segments.append(number)
-            self.sizes[number] = (self.directory / _segment_name(number)).stat().st_size
+            path = self.directory / _segment_name(number)
+            self._set_size(number, path.stat().st_size)
             pos = 0
             while pos < self.sizes[number]:
                 record = self._read_at(number, pos)
-                if record is None:
+                if record is None:  # torn by its writer's death: cut it off, so appends follow valid data
+                    self.torn_records += 1
+                    os.truncate(path, pos)
+                    self._set_size(number, pos)
                     break
                 pos += record[1]
                 self.count += 1
@@ -219,6 +225,7 @@ class SpillSegments:
         else:
             number, rest = 1, []
             self.segments.append(number)
+            self.sizes[number] = 0
         tmp = self.directory / (_segment_name(number) + ".tmp")
         size = 0
         with open(tmp, "wb") as f:
@@ -233,7 +240,7 @@ class SpillSegments:
                 handle.close()
         self._reader, self._reader_number, self._writer, self._writer_number = None, -1, None, -1
         os.replace(tmp, self.directory / _segment_name(number))
-        self.sizes[number] = size
+        self._set_size(number, size)
         self.read_pos = 0
         self.count += len(before) + len(rest)
 
@@ -246,4 +253,4 @@ class SpillSegments:
         if not keep:
             for number in self.segments:
                 (self.directory / _segment_name(number)).unlink(missing_ok=True)
-            self.segments, self.sizes, self.count, self.read_pos = [], {}, 0, 0
+            self.segments, self.sizes, self.count, self.read_pos, self.disk_bytes = [], {}, 0, 0, 0

@@ -40,6 +40,8 @@ class SpoolBudget:
         self.counters = counters
         self.entries: dict[int, _Spooled] = {}  # by the message's order, oldest first
         self.given_up: set[int] = set()  # orders of checkpoint messages that must not be sent
+        #: running total of ``entries``' bytes (read by ``stats()`` on another thread: no iteration there)
+        self.spooled_bytes = 0
 
     def add(self, order: int, path: str, aliases: list[str]) -> None:
         """Account a newly spooled checkpoint, then give up the oldest unprotected ones while over budget."""
@@ -48,6 +50,7 @@ class SpoolBudget:
         except OSError:
             nbytes = 0
         self.entries[order] = _Spooled(path, nbytes, tuple(aliases))
+        self.spooled_bytes += nbytes
         self.counters["checkpoints_spooled"] += 1
         self._forget_uploaded()
         while self._over():
@@ -55,28 +58,28 @@ class SpoolBudget:
             if victim is None:
                 self.counters["spool_over_budget"] += 1
                 log.warning("wandb sidecar client: %d spooled checkpoints (%.1f MB) over the spool bound, all "
-                            "kept: the newest and those aliases still need", len(self.entries), self._bytes() / 1e6)
+                            "kept: the newest and those aliases still need", len(self.entries),
+                            self.spooled_bytes / 1e6)
                 return
             self._give_up(victim)
 
     def acknowledged(self, order: int) -> None:
         """The sidecar journaled this checkpoint's message: the file is its to upload and delete."""
-        self.entries.pop(order, None)
+        self._remove(order)
 
-    @property
-    def spooled_bytes(self) -> int:
-        return self._bytes()
-
-    def _bytes(self) -> int:
-        return sum(e.nbytes for e in self.entries.values())
+    def _remove(self, order: int) -> "_Spooled | None":
+        entry = self.entries.pop(order, None)
+        if entry is not None:
+            self.spooled_bytes -= entry.nbytes
+        return entry
 
     def _over(self) -> bool:
         return ((self.max_count is not None and len(self.entries) > self.max_count)
-                or (self.max_bytes is not None and self._bytes() > self.max_bytes))
+                or (self.max_bytes is not None and self.spooled_bytes > self.max_bytes))
 
     def _forget_uploaded(self) -> None:
         for order in [o for o, e in self.entries.items() if not os.path.exists(e.path)]:
-            del self.entries[order]
+            self._remove(order)
 
     def _protected(self) -> set[int]:
         keep: set[int] = set()
@@ -95,7 +98,8 @@ class SpoolBudget:
         return next((o for o in self.entries if o not in protected), None)
 
     def _give_up(self, order: int) -> None:
-        entry = self.entries.pop(order)
+        entry = self._remove(order)
+        assert entry is not None
         self.given_up.add(order)
         self.counters["checkpoints_given_up"] += 1
         try:
