@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import subprocess
 import sys
 import threading
@@ -123,19 +124,24 @@ def test_no_sidecar_warns_once_then_says_when_one_answers(tmp_path: Path) -> Non
     stop_file = tmp_path / "stop"
     proc = subprocess.Popen([sys.executable, "-c", _TRAINER, sidecar.addr, str(stop_file)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True)
+    reader.start()
     try:
-        first = proc.stderr.readline()  # blocks until the trainer writes its first line
+        first = lines.get(timeout=60)  # the trainer's first line on stderr
         assert "no answer from " + sidecar.addr in first, first
         assert f"wandb-sidecar serve --bind {sidecar.addr}" in first
         assert "MiB in memory" in first and "on disk in" in first
         sidecar.start()
-        second = proc.stderr.readline()
+        second = lines.get(timeout=60)
         assert "answers now" in second and sidecar.addr in second, second
         stop_file.touch()
-        out, rest = proc.communicate(timeout=120)
+        out = proc.communicate(timeout=120)[0]
+        reader.join(10)
     finally:
         if proc.poll() is None:
             proc.kill()
+    rest = "".join(lines.queue)
     result = json.loads(out)
     assert result["ok"] and result["acked_seq"] == result["steps"] + 2
     assert "no answer" not in rest and "answers now" not in rest, "each line once"

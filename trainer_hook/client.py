@@ -68,8 +68,8 @@ _ID_ALPHABET = string.ascii_lowercase + string.digits
 _FLUSH = "flush"  # pseudo-kind of a flush marker in ``pending``
 _BATCH_BYTES = 4 * 1024 * 1024
 #: Cost the pending bound counts for one ``log()`` call: per key, plus the message (no walk on the hot path).
-_METRIC_KEY_BYTES = 64
-_MESSAGE_BYTES = 256
+_METRIC_KEY_BYTES = 96  # a fresh key string, a float, a dict slot
+_MESSAGE_BYTES = 320  # the body dict, the tuple, the deque slot
 #: Rejections after which nothing of this incarnation will ever be accepted.
 PERMANENT_REJECTIONS = frozenset({"init_refused", "init_failed"})
 _MAX_RESEND_INTERVAL = 30.0
@@ -561,7 +561,9 @@ class _IOThread(threading.Thread):
                 if thread.is_alive():
                     if not final:
                         return  # copying across filesystems: keep the loop (heartbeats, acks) going
-                    thread.join()
+                    thread.join(1.0)
+                    if thread.is_alive():  # ending: keep the announcement (original path), not the copy
+                        result = {"error": TimeoutError("still copying when the client ended")}
                 self.spooling = None
                 self._pack(*entry[:3], spooled=result)
             if not pending:
