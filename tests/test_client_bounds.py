@@ -133,6 +133,20 @@ def test_never_dropped_messages_wait_behind_a_full_spill_in_order(tmp_path: Path
     assert 60 in orders and orders == sorted(orders)
 
 
+def test_a_memory_full_of_never_dropped_messages_behind_the_spill_does_not_stall_it(tmp_path: Path) -> None:
+    counters: collections.Counter[str] = collections.Counter()
+    outbox = Outbox(50_000, SpillSegments(tmp_path / "spill", 100_000), counters)
+    for order in range(1, 20):
+        outbox.put(_metrics(order))  # memory, then the spill until full
+    for order in range(20, 30):  # checkpoints the full spill refuses: behind it, in memory, over its bound
+        outbox.put(Packed(Kind.CHECKPOINT, [b"c" * 20_000], 0.0, 20_000, order))
+    assert outbox.memory_bytes > 50_000
+    orders = []
+    while (item := outbox.pop()) is not None:
+        orders.append(item.order)
+    assert orders == sorted(orders) and orders[-10:] == list(range(20, 30)) and len(outbox) == 0
+
+
 def test_kept_at_exit_in_order_window_memory_spill_tail_and_taken_over_after_a_torn_write(tmp_path: Path) -> None:
     counters: collections.Counter[str] = collections.Counter()
     outbox = Outbox(50_000, SpillSegments(tmp_path / "spill", 300_000), counters)

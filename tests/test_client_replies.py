@@ -44,6 +44,8 @@ def test_run_in_use_keeps_every_message_and_lands_once_the_other_trainer_ends(ca
         peer.wait_for(lambda p: client.stats().get("rejected_run_in_use", 0) >= 3)
         assert client.stats()["acked_seq"] == 0
         assert not client.flush(timeout=0.5)  # nothing accepted while the other trainer lives
+        sequenced = {(h.kind, h.seq) for h in peer.headers() if h.kind is not Kind.HEARTBEAT}
+        assert sequenced == {(Kind.RUN_START, 1)}, "only the run start is offered while the id is in use"
         other_alive.clear()  # the other trainer ended: the resends are accepted now
         assert client.finish(timeout=60), client.stats()
         stats = client.stats()

@@ -448,6 +448,7 @@ class _IOThread(threading.Thread):
         self.spooling: tuple[threading.Thread, dict[str, Any], tuple] | None = None  # a checkpoint being copied
         self.started = time.monotonic()
         self.answered = False  # the sidecar has answered at least once
+        self.accepted = False  # ... and acknowledged something
         self.last_progress = time.monotonic()
         self.resend_interval = client.ack_timeout  # grows (to 30 s) while the run id is in use elsewhere
         self.in_use_refused = False
@@ -612,7 +613,9 @@ class _IOThread(threading.Thread):
         client = self.client
         if client._refused is not None:
             return
-        max_items = client.max_inflight if self.answered else 1  # nothing fills it before an answer
+        # nothing fills it before the sidecar has accepted something (the run start): not while nobody
+        # answers, nor while it refuses the run id as in use
+        max_items = client.max_inflight if self.accepted else 1
         while len(self.window) < max_items:
             item = self.outbox.pop()
             if item is None:
@@ -738,6 +741,7 @@ class _IOThread(threading.Thread):
             client._delivered = delivered
         if seq <= client._acked:
             return
+        self.accepted = True
         client._acked = seq
         while self.window and self.window[0].seq <= seq:
             item = self.window.popleft()

@@ -122,7 +122,8 @@ class Outbox:
     def _refill(self) -> None:
         assert self.spill is not None
         try:
-            while self.spill.count and self.memory_bytes < self.max_memory_bytes // 2:
+            # at least one, even when never-dropped messages behind the spill fill memory
+            while self.spill.count and (not self.head or self.memory_bytes < self.max_memory_bytes // 2):
                 item = self.spill.pop()
                 if item is None:
                     break
