@@ -200,3 +200,14 @@ def test_wandb_mode_disabled_in_init_kwargs_and_explicit_kwargs_win(monkeypatch:
     assert client.disabled and client.stats() == {"disabled": 1}
     assert client.init_kwargs["project"] == "explicit" and client.init_kwargs["tags"] == ["a", "b", "c"]
     assert client.log({"x": 1}) is True and client.flush() is True and client.finish() is True
+
+
+def test_a_run_start_that_cannot_be_encoded_fails_the_run_loudly_not_the_thread(caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="trainer_hook")
+    with FakePeer() as peer:
+        client = SidecarClient(peer.addr, run_id="badconfig", config={"model": object()}, spill_dir=None)
+        client.log({"x": 1}, step=0)
+        assert client.finish(timeout=30) is False
+        assert peer.headers() == []
+    assert any("cannot encode the run start" in r.getMessage() and r.levelno == logging.ERROR for r in caplog.records)
+    assert client.stats()["dropped_unencodable"] == 1

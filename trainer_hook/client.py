@@ -364,7 +364,7 @@ class SidecarClient:
     def _report_undelivered(self) -> None:
         n = self._counters.get("undelivered", 0)
         if self._refused:
-            where = f"refused by the sidecar ({self._refused}); not kept"
+            where = f"the run was refused ({self._refused}); not kept"
         elif self._kept_in:
             where = (f"kept in {self._kept_in}; the next SidecarClient on this machine delivers them once a "
                      f"sidecar answers")
@@ -469,10 +469,12 @@ class _IOThread(threading.Thread):
         return sock
 
     def run(self) -> None:
-        self._open_buffers()
-        sock = self._connect()
         client = self.client
+        sock: zmq.Socket | None = None
         try:
+            if not self._open_buffers():
+                return
+            sock = self._connect()
             while True:
                 self._pack_pending()
                 self._fill_window()
@@ -487,14 +489,29 @@ class _IOThread(threading.Thread):
             log.exception("wandb sidecar client I/O thread failed; logging to the sidecar stops")
             client._counters["io_thread_failed"] += 1
         finally:
-            self._close()
-            sock.close(linger=0)
-            self.ctx.term()
+            try:
+                self._close()
+            except Exception:
+                log.exception("wandb sidecar client: ending the I/O thread failed")
+            for marker in self.markers:  # nobody waits forever on a thread that is gone
+                marker.ok = False
+                marker.event.set()
+            if sock is not None:
+                sock.close(linger=0)
+                self.ctx.term()
 
-    def _open_buffers(self) -> None:
-        """Pack the run start first; claim the spill directory; take over orphans a dead client left."""
+    def _open_buffers(self) -> bool:
+        """Pack the run start first; claim the spill directory; take over orphans a dead client left.
+        False when the run start cannot be encoded (then nothing of the run can go)."""
         client = self.client
-        frames = encode_body(client._start_body)
+        try:
+            frames = encode_body(client._start_body)
+        except (TypeError, ValueError, OverflowError) as exc:
+            client._counters["dropped_unencodable"] += 1
+            log.error("wandb sidecar client: run %s: cannot encode the run start (init_kwargs, config...): %s; "
+                      "nothing of this run is sent", client.run_id, exc)
+            client._refused = "unencodable_run_start"
+            return False
         self.order += 1
         self.start_item = Packed(Kind.RUN_START, frames, time.time(), sum(len(f) for f in frames), self.order)
         spill = None
@@ -522,7 +539,13 @@ class _IOThread(threading.Thread):
             self.outbox.put(self.start_item)
             if client.spill_dir is not None:
                 for owner in claim_orphans(Path(client.spill_dir), limit=MAX_ORPHANS_TAKEN):
-                    SidecarClient._deliver_orphan(owner, client)
+                    try:
+                        SidecarClient._deliver_orphan(owner, client)
+                    except Exception:  # someone else's leftovers must never stop this run
+                        log.exception("wandb sidecar client: cannot deliver the spill in %s; left on disk",
+                                      owner.directory)
+                        owner.release()
+        return True
 
     def _orphan_done(self) -> bool:
         return client_idle(self) or self.client._refused is not None
