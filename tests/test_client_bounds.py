@@ -275,6 +275,36 @@ def test_spill_left_at_exit_is_delivered_by_a_later_process(tmp_path: Path) -> N
     assert runs["later"].steps() == [0]
 
 
+RESUMED_SCRIPT = """
+import sys
+from trainer_hook import SidecarClient
+first, last = int(sys.argv[2]), int(sys.argv[3])
+c = SidecarClient(sys.argv[1], run_id="resumed", init_kwargs={"resume": "allow"}, finish_at_exit_timeout=1)
+for s in range(first, last):
+    c.log({"x": float(s)}, step=s)
+if sys.argv[4] == "finish":
+    assert c.finish(timeout=120), c.stats()
+"""
+
+
+def test_a_resumed_training_sends_what_its_crashed_predecessor_left_first(tmp_path: Path) -> None:
+    """The everyday resume: a trainer crashes while no sidecar answers; the training is resumed with the
+    same run id (a sidecar is up by then): the steps the first one left go first, then the new ones."""
+    env = {"WANDB_SIDECAR_SPILL_DIR": str(tmp_path / "spill")}
+    sidecar = SidecarProcess(tmp_path)
+    crashed = _run(RESUMED_SCRIPT, sidecar.addr, "0", "50", "crash", env=env)
+    assert crashed.returncode == 0 and "52 message(s) not acknowledged" in crashed.stderr, crashed.stderr
+    with sidecar:
+        resumed = _run(RESUMED_SCRIPT, sidecar.addr, "50", "100", "finish", env=env)
+        assert resumed.returncode == 0, resumed.stderr
+        assert "50 messages an earlier trainer of this run left undelivered" in resumed.stderr
+        assert sidecar.stop() == 0
+    run = read_runs(sidecar.wandb_dir)["resumed"]
+    assert run.steps() == list(range(100)) and [r["x"] for r in run.history] == [float(s) for s in range(100)]
+    assert run.exit_code == 0
+    assert not any((tmp_path / "spill").iterdir())
+
+
 # ----------------------------------------------------------------------------------------------- checkpoints
 
 def test_heartbeats_go_on_during_a_long_checkpoint_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -56,7 +56,7 @@ from protocol.curve import apply_client_keys, load_client_keys
 from .outbox import Outbox
 from .packed import Packed
 from .spill import SpillSegments
-from .spill_owner import SpillOwner, claim_orphans
+from .spill_owner import SpillOwner, claim_orphans, run_id_of
 from .spool import spool_checkpoint
 from .spool_budget import SpoolBudget
 from .wandb_env import init_kwargs_from_env, is_disabled
@@ -538,14 +538,36 @@ class _IOThread(threading.Thread):
         else:
             self.outbox.put(self.start_item)
             if client.spill_dir is not None:
-                for owner in claim_orphans(Path(client.spill_dir), limit=MAX_ORPHANS_TAKEN):
+                for owner in claim_orphans(Path(client.spill_dir), MAX_ORPHANS_TAKEN, client.run_id):
                     try:
-                        SidecarClient._deliver_orphan(owner, client)
+                        if run_id_of(owner.directory) == client.run_id:
+                            self._continue_from(owner)
+                        else:
+                            SidecarClient._deliver_orphan(owner, client)
                     except Exception:  # someone else's leftovers must never stop this run
                         log.exception("wandb sidecar client: cannot deliver the spill in %s; left on disk",
                                       owner.directory)
                         owner.release()
         return True
+
+    def _continue_from(self, owner: SpillOwner) -> None:
+        """A trainer of this same run id (a resumed training) left messages undelivered: they go first,
+        in this incarnation, right after our run start (its own start and finish are not repeated)."""
+        client = self.client
+        left = SpillSegments(owner.directory, max_bytes=0)  # read only
+        n = 0
+        while (item := left.pop()) is not None:
+            if item.kind in (Kind.RUN_START, Kind.RUN_FINISH):
+                continue
+            self.order += 1
+            item.order = self.order
+            self.outbox.put(item)
+            n += 1
+        left.close(keep=False)
+        owner.remove()
+        client._counters["taken_over_from_earlier_trainer"] += n
+        log.warning("wandb sidecar client: run %s: %d messages an earlier trainer of this run left undelivered (in %s) "
+                    "go first", client.run_id, n, owner.directory)
 
     def _orphan_done(self) -> bool:
         return client_idle(self) or self.client._refused is not None

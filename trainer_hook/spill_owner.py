@@ -87,17 +87,21 @@ def _parse_record(data: bytes) -> Packed | None:
         return None
 
 
-def claim_orphans(spill_dir: Path, limit: int) -> list[SpillOwner]:
+def run_id_of(directory: Path) -> str:
+    return directory.name.rsplit(".", 1)[0]
+
+
+def claim_orphans(spill_dir: Path, limit: int, run_id: str) -> list[SpillOwner]:
     """Lock and return up to ``limit`` orphaned spill directories in ``spill_dir`` that still hold
-    segments; remove orphans with nothing left to send. Never raises (a spill dir we cannot read is not
-    ours to fix)."""
+    segments, those of ``run_id`` first (all of them); remove orphans with nothing left to send. Never
+    raises (a spill dir we cannot read is not ours to fix)."""
     found: list[SpillOwner] = []
     try:
         candidates = [p for p in spill_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
     except OSError:
         return found
-    for directory in sorted(candidates):
-        if len(found) >= limit:
+    for directory in sorted(candidates, key=lambda d: (run_id_of(d) != run_id, d.name)):
+        if len(found) >= limit and run_id_of(directory) != run_id:
             break
         try:
             fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CLOEXEC)
