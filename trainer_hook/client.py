@@ -206,7 +206,7 @@ class SidecarClient:
         self.max_spool_bytes = max_spool_bytes
         self.finish_at_exit_timeout = finish_at_exit_timeout
         self.no_answer_warning_after = no_answer_warning_after
-        self._inert = False
+        self._inert = self.disabled  # inert: the hot path returns at its first test
         self._finished = False
         if self.disabled:
             log.info("wandb sidecar client: wandb mode is disabled; run %s logs nothing and never connects",
@@ -268,9 +268,9 @@ class SidecarClient:
 
     def log(self, data: Mapping[str, Any], step: int | None = None, commit: bool = True) -> bool:
         """Queue metrics for ``run.log(data, step=step)``. Returns False (and counts why) if refused."""
-        if self.disabled:
-            return True
         if self._inert or self._finished:
+            if self.disabled:
+                return True
             self._counters["dropped_inactive"] += 1
             return False
         cost = _MESSAGE_BYTES + _METRIC_KEY_BYTES * len(data)
@@ -307,9 +307,9 @@ class SidecarClient:
         return self._submit(kind, body)
 
     def _submit(self, kind: Kind, body: dict[str, Any]) -> bool:
-        if self.disabled:
-            return True
         if self._inert or self._finished:
+            if self.disabled:
+                return True
             self._counters["dropped_inactive"] += 1
             return False
         cost = _MESSAGE_BYTES + _approx_nbytes(body)
