@@ -275,6 +275,25 @@ def test_spill_left_at_exit_is_delivered_by_a_later_process(tmp_path: Path) -> N
     assert runs["later"].steps() == [0]
 
 
+def test_only_dead_owners_spills_of_this_machine_are_taken_over(tmp_path: Path) -> None:
+    from trainer_hook.spill_owner import SpillOwner, claim_orphans
+
+    start = Packed(Kind.RUN_START, [b"s"], 0.0, 1, 1)
+    alive = SpillOwner.create(tmp_path, "alive", "aaaaaaaa", start, "tcp://x")  # its owner holds the lock
+    elsewhere = SpillOwner.create(tmp_path, "elsewhere", "bbbbbbbb", start, "tcp://x")
+    dead = SpillOwner.create(tmp_path, "dead", "cccccccc", start, "tcp://x")
+    for owner in (alive, elsewhere, dead):
+        SpillSegments(owner.directory, 1 << 20).append(record_bytes(_metrics(2)))
+    (elsewhere.directory / "owner.json").write_text(json.dumps({"host": "another-node"}))
+    elsewhere.release()
+    dead.release()
+    claimed = claim_orphans(tmp_path, limit=10, run_id="x")
+    assert [o.directory.name for o in claimed] == ["dead.cccccccc"]
+    assert elsewhere.directory.exists() and alive.directory.exists()
+    for owner in (*claimed, alive):
+        owner.remove()
+
+
 RESUMED_SCRIPT = """
 import sys
 from trainer_hook import SidecarClient

@@ -5,7 +5,7 @@ files, ``start.rec`` (the run start, one spill record: enough to resume the run)
 (pid, host, address; for people). The owner holds an exclusive ``flock`` on ``lock`` for as long as it
 lives; the kernel drops the lock when the process dies, however it dies. So a directory whose lock can
 be taken is an orphan: its client exited with messages the sidecar never acknowledged. The next
-``SidecarClient`` on the machine takes it over (keeping the lock) and delivers it as a new incarnation of
+``SidecarClient`` on the same machine (``owner.json``'s host: a home directory may be shared) takes it over (keeping the lock) and delivers it as a new incarnation of
 the same run id (see ``SidecarClient`` and the README), the way an offline wandb run is synced later.
 A directory is created under a temporary name and renamed once locked, so nobody adopts it half made.
 """
@@ -66,6 +66,13 @@ class SpillOwner:
         except OSError:
             return None
 
+    def host(self) -> str | None:
+        """The machine its first owner ran on (None if unreadable)."""
+        try:
+            return json.loads((self.directory / OWNER_NAME).read_text()).get("host")
+        except (OSError, ValueError):
+            return None
+
     def release(self) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -115,6 +122,8 @@ def claim_orphans(spill_dir: Path, limit: int, run_id: str) -> list[SpillOwner]:
         owner = SpillOwner(directory, fd)
         if not directory.exists():  # removed by another adopter between listing and locking
             owner.release()
+        elif owner.host() not in (None, socket.gethostname()):
+            owner.release()  # another machine's (a shared home directory): its own next client delivers it
         elif any(directory.glob("*" + SEGMENT_SUFFIX)):
             found.append(owner)
         else:
