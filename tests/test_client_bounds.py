@@ -210,6 +210,29 @@ def test_spill_drains_through_a_real_sidecar_within_its_limit(tmp_path: Path) ->
     assert len(steps) == 6000 - stats.get("dropped_backlog_full", 0) - stats.get("dropped_queue_full", 0)
 
 
+def test_a_full_spill_disk_is_counted_and_what_was_kept_arrives_whole(tmp_path: Path) -> None:
+    from tests.test_durability import _small_tmpfs
+
+    with _small_tmpfs(tmp_path / "small", "256k") as small:
+        sidecar = SidecarProcess(tmp_path)
+        client = SidecarClient(sidecar.addr, run_id="diskfull", spill_dir=small, max_backlog_bytes=64 * 1024,
+                               max_spill_bytes=4_000_000, ack_timeout=0.3)
+        for step in range(2000):  # ~1 KB a message: 2 MB into 64 KiB of memory and a 256 KiB disk
+            client.log({f"k{i}": float(step) for i in range(40)}, step=step)
+        deadline = time.monotonic() + 60
+        while client.stats()["pending"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        stats = client.stats()
+        assert stats.get("spill_failed", 0) > 0 and stats.get("spilled", 0) > 0
+        with sidecar:
+            assert client.finish(timeout=120), client.stats()
+            assert sidecar.stop() == 0
+    stats = client.stats()
+    steps = read_runs(sidecar.wandb_dir)["diskfull"].steps()
+    assert steps == sorted(set(steps)) and steps[0] == 0
+    assert len(steps) == 2000 - stats.get("dropped_backlog_full", 0) - stats.get("dropped_queue_full", 0)
+
+
 # ----------------------------------------------------------------------------------------------- exit
 
 EXIT_SCRIPT = """

@@ -65,10 +65,6 @@ class SpillSegments:
 
     # -- state
 
-    @property
-    def unread_bytes(self) -> int:
-        return self.disk_bytes - (self.read_pos if self.segments else 0)
-
     def fits(self, record_len: int) -> bool:
         return self.disk_bytes + record_len <= self.max_bytes
 
@@ -92,9 +88,23 @@ class SpillSegments:
         if number != self._writer_number:
             self._open_writer(number)
         assert self._writer is not None
-        self._writer.write(record)  # unbuffered: the reader (another handle) sees it at once
-        self._set_size(number, self.sizes[number] + len(record))
+        size = self.sizes[number]
+        try:
+            written = self._writer.write(record)  # unbuffered: the reader (another handle) sees it at once
+        except OSError:
+            self._cut(number, size)
+            raise
+        if written != len(record):  # a short write (disk full): no half record stays behind
+            self._cut(number, size)
+            raise OSError(f"short write to the spill ({written} of {len(record)} bytes)")
+        self._set_size(number, size + len(record))
         self.count += 1
+
+    def _cut(self, number: int, size: int) -> None:
+        try:
+            os.truncate(self.directory / _segment_name(number), size)
+        except OSError:
+            pass
 
     def _open_writer(self, number: int) -> None:
         if self._writer is not None:
