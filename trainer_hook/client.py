@@ -528,6 +528,10 @@ class _IOThread(threading.Thread):
                 log.warning("wandb sidecar client: cannot use the spill directory %s (%s); memory only",
                             client.spill_dir, exc)
         self.outbox = Outbox(client.max_backlog_bytes, spill, client._counters)
+        if client._orphan is not None and spill is None:  # cannot read it now: leave it for a later client
+            client._orphan.release()
+            self.spill_owner = None
+            return False
         if client._orphan is not None:
             self.outbox.put_first(self.start_item)
             unread = list(spill.unread_kinds_and_orders()) if spill else []
@@ -537,7 +541,7 @@ class _IOThread(threading.Thread):
             client._finished = True
         else:
             self.outbox.put(self.start_item)
-            if client.spill_dir is not None:
+            if spill is not None:  # (orphans are only taken over by a client that can spill itself)
                 for owner in claim_orphans(Path(client.spill_dir), MAX_ORPHANS_TAKEN, client.run_id):
                     try:
                         if run_id_of(owner.directory) == client.run_id:
