@@ -117,6 +117,9 @@ def serve(bind: str, journal_dir: str, allow_roots: tuple[str, ...], heartbeat_t
         log.error("a sidecar already serves %s; stop it first or bind elsewhere (binding again would take its "
                   "socket away from it)", bind)
         sys.exit(2)
+    # The sidecar owns its wandb service: one inherited through WANDB_SERVICE (set by wandb in any process
+    # that ran it, for its children) would outlive a SIGKILLed sidecar holding its runs ("run ID is in use").
+    os.environ.pop("WANDB_SERVICE", None)
     mode = _choose_wandb_mode()
     from .server import SidecarServer  # imports wandb: keep `status` fast
 

@@ -260,3 +260,16 @@ def test_tcp_without_keys_is_refused_even_on_loopback(tmp_path: Path) -> None:
                          timeout=60)
     assert out.returncode == 2
     assert "every local user can reach it" in out.stderr
+
+
+def test_the_sidecar_owns_its_wandb_service_whatever_it_inherits(tmp_path: Path) -> None:
+    """wandb exports WANDB_SERVICE to children of any process that ran it; a sidecar attached to such a
+    service would leave its runs held there when SIGKILLed ("run ID is in use" ever after)."""
+    env = {"WANDB_SERVICE": "2-1-tcp-localhost-9"}  # a service that does not exist
+    with SidecarProcess(tmp_path, env=env) as sidecar:
+        client = SidecarClient(sidecar.addr, init_kwargs={"project": "svc"}, run_id="ownsvc1")
+        client.log({"train/m0": 0.0, "train/m1": 1.0, "train/m2": 2.0}, step=0)
+        assert client.finish(timeout=60)
+        sidecar.wait_for(lambda s: s["runs"]["ownsvc1"]["state"] == "finished")
+        assert sidecar.stop() == 0
+    assert read_runs(sidecar.wandb_dir)["ownsvc1"].steps() == [0]
