@@ -24,11 +24,13 @@ if not mmdet.__version__.startswith("3."):
 from sidecar.readback import Artifact, RunRecords, read_runs  # noqa: E402
 from examples.mmdet2.synthetic_coco import make_coco_dataset  # noqa: E402
 from tests.sidecar_process import SidecarProcess  # noqa: E402
+from tests.sent_predictions import assert_table_shows, load as load_sent  # noqa: E402
 from tests.stream_client import value  # noqa: E402
 
 pytestmark = pytest.mark.mmdet3
 
 ROOT = Path(__file__).resolve().parent.parent
+CLASSES = ["square", "circle", "triangle"]
 ITERS_PER_EPOCH = 12  # 6 train images x RepeatDataset(4) / batch 2
 TRAIN_KEYS = {"loss", "loss_rpn_cls", "loss_rpn_bbox", "loss_cls", "loss_bbox", "loss_mask", "acc", "lr"}
 VAL_KEYS = {f"coco/{t}_mAP{s}" for t in ("bbox", "segm") for s in ("", "_50", "_75", "_s", "_m", "_l")}
@@ -73,7 +75,7 @@ def _check_trainer_stats(result: dict[str, Any]) -> None:
 
 def test_epoch_training_logs_metrics_config_code_checkpoints_and_tables(tmp_path: Path, data: dict) -> None:
     with SidecarProcess(tmp_path) as sidecar:
-        result = _finish(_train(sidecar, tmp_path, "mmdet3ep", "--draw"))
+        result = _finish(_train(sidecar, tmp_path, "mmdet3ep", "--draw", "--record-sent", str(tmp_path / "sent.json")))
         assert sidecar.stop() == 0
     _check_trainer_stats(result)
     assert result["backend_counters"] == {}  # nothing skipped, no step moved back
@@ -128,16 +130,17 @@ def test_epoch_training_logs_metrics_config_code_checkpoints_and_tables(tmp_path
     preds = by_type["evaluation"]
     assert [p.name for p in preds] == ["run_mmdet3ep_pred"] * 2
     assert [sorted(p.aliases) for p in preds] == [["epoch_1", "latest"], ["epoch_2", "latest"]]
-    boxes = 0
-    for p in preds:
+    # each table shows exactly the predictions the hook sent (which ones pass bbox_score_thr depends on
+    # the machine's kernels, so nothing is assumed about them); the hook sent only scores above it
+    sent = load_sent(tmp_path / "sent.json")
+    assert [b["tag"] for b in sent] == ["epoch_1", "epoch_2"]
+    val_names = [r[0] for r in val_table["data"]]
+    for p, batch in zip(preds, sent):
         table = _table(p, "eval_data.table.json")
-        assert table["columns"] == ["image_name", "ground_truth", "prediction"] and table["nrows"] == 3
-        assert [r[0] for r in table["data"]] == [r[0] for r in val_table["data"]]
-        for _, _, pred in table["data"]:
-            found = pred["boxes"]["predictions"]
-            assert all(float(b["box_caption"].split()[-1]) > 0.3 for b in found)
-            boxes += len(found)
-    assert boxes > 0
+        assert table["nrows"] == 3 and sorted(batch["indices"]) == [0, 1, 2]  # every selected image
+        assert all(s > 0.3 for scores in batch["scores"] for s in scores)
+        assert [len(r) for r in batch["rles"]] == [len(sc) for sc in batch["scores"]]  # a mask for each box
+        assert_table_shows(table, batch, CLASSES, val_names)
 
 
 def test_iteration_training_tags_checkpoints_and_tables_by_iteration(tmp_path: Path, data: dict) -> None:

@@ -46,6 +46,9 @@ def _shrink_model(model: Config, num_classes: int, base_channels: int) -> None:
     # Fewer proposals and detections: cheaper CPU inference, smaller W&B tables.
     model.test_cfg.rpn.update(nms_pre=200, max_per_img=100)
     model.test_cfg.rcnn.max_per_img = 20
+    # Any weights give detections (softmax scores are > 0): evaluation and the tables never come back
+    # empty, whatever a machine's kernels made of the tiny model.
+    model.test_cfg.rcnn.score_thr = 0.0
 
 
 def tiny_mask_rcnn_cfg(
@@ -69,7 +72,8 @@ def tiny_mask_rcnn_cfg(
     checkpoints happen every ``interval`` epochs, or iterations when ``by_epoch=False``
     (default: 1 epoch, or ``max_iters // 2`` iterations; ``max_iters`` defaults to 24).
     The train set is wrapped in a ``RepeatDataset`` (``repeat`` times per epoch) so that
-    after 2 epochs val images have detections above the hooks' ``bbox_score_thr=0.3``.
+    after 2 epochs val images usually have detections above the hooks' ``bbox_score_thr=0.3`` (tests do
+    not rely on it: which scores a tiny model reaches depends on the machine).
     ``base_channels=16`` (a quarter-width ResNet-18) shrinks checkpoints from ~91 MB to ~7 MB.
     """
     cfg = Config.fromfile(str(shipped_config_path()))

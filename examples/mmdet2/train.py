@@ -148,7 +148,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-keep-ckpts", type=int, default=-1, help="CheckpointHook's max_keep_ckpts")
     p.add_argument("--time-hooks", action="store_true",
                    help="report the wall time spent in the wandb hook's methods (the trainer's stall)")
+    p.add_argument("--record-sent", default=None,
+                   help="tests: write the prediction batches the sidecar hook sent to this JSON file")
     args = p.parse_args(argv)
+    sent = None
+    if args.record_sent:
+        from tests.sent_predictions import record_prediction_batches
+
+        sent = record_prediction_batches()
 
     data = coco_paths(Path(args.data_root))
     if not Path(data["train_ann_file"]).exists():
@@ -170,6 +177,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg.custom_imports = dict(imports=["trainer_hook.mmdet"], allow_failed_imports=False)
     timings = _time_hook_methods(args.logger) if args.time_hooks else None
     result = train(cfg)
+    if sent is not None:
+        from tests.sent_predictions import dump
+
+        dump(sent, args.record_sent)
     print(json.dumps({"work_dir": str(result.work_dir), "seconds": round(result.seconds, 3),
                       "checkpoints": [str(c) for c in result.checkpoints],
                       "hook_seconds": timings}))

@@ -35,7 +35,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-epochs", type=int, default=2)
     p.add_argument("--draw", action="store_true", help="DetVisualizationHook draws every validation image")
     p.add_argument("--no-hook", action="store_true", help="only the vis backend, no DetWandbSidecarHook")
+    p.add_argument("--record-sent", default=None, help="write the prediction batches sent here (JSON)")
     args = p.parse_args(argv)
+    sent = None
+    if args.record_sent:
+        from tests.sent_predictions import record_prediction_batches
+
+        sent = record_prediction_batches()
 
     data = coco_paths(Path(args.data_root))
     if not Path(data["train_ann_file"]).exists():
@@ -55,6 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     runner.train()
     seconds = time.perf_counter() - start
+    if sent is not None:
+        from tests.sent_predictions import dump
+
+        dump(sent, args.record_sent)
     from trainer_hook.mmdet3 import SidecarVisBackend
 
     sidecar = next(b for b in runner.visualizer._vis_backends.values() if isinstance(b, SidecarVisBackend))
