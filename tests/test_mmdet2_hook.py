@@ -188,3 +188,50 @@ def test_no_eval_images_and_no_checkpoint_logging(tmp_path: Path, data_root: Pat
     assert any("val/bbox_mAP" in row for row in run.history)
     assert run.exit_code == 0
 
+
+def test_two_rank_training_gives_one_run_from_rank_0_and_clears_every_ranks_log_buffer(tmp_path: Path,
+                                                                                        data_root: Path) -> None:
+    """``dist_train.sh`` with 2 ranks on CPU (gloo; ``train_detector`` and ``DistEvalHook`` unmodified): one
+    wandb run, one client (rank 0), tables covering every selected image (DistEvalHook gathers results on
+    rank 0), every rank's log buffer cleared after each iteration (mmdet#8145), no hang."""
+    from tests.sidecar_process import free_port
+
+    wandb_dir = tmp_path / "trainer_wandb"
+    wandb_dir.mkdir()
+    port = str(free_port())
+    with SidecarProcess(tmp_path, allow_roots=[tmp_path, data_root]) as sidecar:
+        ranks = []
+        for rank in (0, 1):
+            env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir), "WANDB_SILENT": "true",
+                   "PYTHONPATH": str(ROOT), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+            cmd = [sys.executable, "-m", "examples.mmdet2.train", "--work-dir", str(tmp_path / "work_dirs"),
+                   "--data-root", str(data_root), "--logger", "sidecar", "--base-channels", "16", "--dist",
+                   "--sidecar-addr", sidecar.addr, "--record-sent", str(tmp_path / f"sent{rank}.json")]
+            ranks.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                          text=True))
+        try:
+            outs = [proc.communicate(timeout=600)[0] for proc in ranks]  # a hang fails here
+        finally:
+            for proc in ranks:
+                if proc.poll() is None:
+                    proc.kill()
+        assert [proc.returncode for proc in ranks] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+        status = sidecar.status()
+        assert sidecar.stop() == 0
+    results = [json.loads(out.strip().splitlines()[-1]) for out in outs]
+    assert [r["rank"] for r in results] == [0, 1]
+    assert [r["clients"] for r in results] == [1, 0]  # only rank 0 connects
+    assert list(status["runs"]) == [next(iter(read_runs(sidecar.wandb_dir)))]
+    (run_status,) = status["runs"].values()
+    assert run_status["client"]["pid"] == results[0]["pid"]
+    for r in results:  # (ready, entries) after every iteration's logger hooks, on both ranks
+        assert len(r["log_buffer_after_iters"]) == 12 and set(map(tuple, r["log_buffer_after_iters"])) == {(False, 0)}
+    [run] = read_runs(sidecar.wandb_dir).values()
+    assert run.exit_code == 0
+    # 6 train images x 4 / (2 ranks x 2 a batch): 6 iterations an epoch
+    assert run.steps() == list(range(1, 14))
+    assert [row["_step"] for row in run.history if "val/bbox_mAP" in row] == [7, 13]
+    assert load_sent(tmp_path / "sent1.json") == []  # rank 1 sends nothing
+    _check_val_table(run)
+    _check_pred_tables(run, ["epoch_1", "epoch_2"], load_sent(tmp_path / "sent0.json"))
