@@ -232,22 +232,26 @@ def test_vis_backend_api_steps_images_config_and_close(tmp_path: Path) -> None:
         backend.add_image("img", images[1], step=3)  # same name, same step: one row, two images
         backend.add_image("gray", rng.random((6, 6)), step=4)  # floats in [0, 1], as wandb.Image takes them
         hub = MessageHub.get_instance("test_vis_backend_api")
-        hub.update_info("iter", 9)  # a validation inside training, after iteration 10
+        hub.update_info("iter", 9)  # training iteration 10, then a validation inside training
+        hub.update_info("loop_stage", "train")
+        backend.add_scalars({"loss": 0.45, "time": 0.1}, step=10)
         hub.update_info("loop_stage", "val")
-        backend.add_scalars({"coco/bbox_mAP": 0.5}, step=1)  # LoggerHook passes the epoch
+        # LoggerHook passes the epoch; keys training logs too keep both values, the validation's as val/...
+        backend.add_scalars({"coco/bbox_mAP": 0.5, "time": 0.2, "loss": 0.9}, step=1)
         hub.pop_info("loop_stage")
         backend.add_config({"late_key": "yes"})  # after the run start: a config update
         backend.close()
         backend.add_scalar("after", 1.0, step=11)  # dropped and counted, never raised
         assert sidecar.stop() == 0
-    assert backend.counters == {"skipped_values": 1, "steps_raised": 1, "after_close": 1}
+    assert backend.counters == {"skipped_values": 1, "steps_raised": 1, "after_close": 1, "val_keys_renamed": 1}
     run = read_runs(sidecar.wandb_dir)["visapi"]
     assert run.steps() == [1, 2, 3, 4, 10]
     assert {k: v for k, v in _row(run, 1).items() if not k.startswith("_")} == {"loss": 0.5, "acc": 0.25}
     assert _row(run, 2)["loss"] == 0.4 and _row(run, 2)["late"] == 1.0
     assert _row(run, 3)["img._type"] == "images/separated" and _row(run, 3)["img.count"] == 2
     assert _row(run, 4)["gray._type"] == "image-file" and _row(run, 4)["gray.width"] == 6
-    assert _row(run, 10)["coco/bbox_mAP"] == 0.5
+    assert {k: v for k, v in _row(run, 10).items() if not k.startswith("_")} == {
+        "loss": 0.45, "time": 0.1, "coco/bbox_mAP": 0.5, "val/time": 0.2, "val/loss": 0.9}
     assert run.config["lr"] == 0.1 and run.config["sizes"] == [1, 2] and run.config["late_key"] == "yes"
     assert "Config" in run.config["nested"]["cls"] and run.config["nested"]["deep"] == [{"a": None}]
     assert run.summary["loss"]["min"] == 0.4
