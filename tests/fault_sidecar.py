@@ -1,5 +1,6 @@
 """The real sidecar with faults the real wandb cannot be made to show on demand: ``wandb.init``
-raising its first ``FAULT_INIT_FAILURES`` calls (an unreachable wandb server, say), ``Run.log_artifact``
+raising its first ``FAULT_INIT_FAILURES`` calls, or every call until the file ``FAULT_INIT_FAILS_UNTIL``
+exists (an unreachable wandb server, say: the test decides when it comes back), ``Run.log_artifact``
 its first ``FAULT_ARTIFACT_FAILURES`` calls (a failed upload).
 
     python -m tests.fault_sidecar serve ...   (same arguments as ``wandb-sidecar``)
@@ -16,7 +17,11 @@ from sidecar.cli import main
 def _failing(real, env: str, what: str):  # type: ignore[no-untyped-def]
     left = [int(os.environ.get(env, "0"))]
 
+    until = os.environ.get("FAULT_INIT_FAILS_UNTIL") if env == "FAULT_INIT_FAILURES" else None
+
     def call(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if until and not os.path.exists(until):
+            raise wandb.errors.CommError(f"injected: {what}")
         if left[0] > 0:
             left[0] -= 1
             raise wandb.errors.CommError(f"injected: {what}")

@@ -209,8 +209,8 @@ def test_metrics_endpoint_matches_status(tmp_path: Path) -> None:
         # scrape while a trainer streams: status() is read from the HTTP thread
         scrapes, stop = [], threading.Event()
 
-        def scraper() -> None:
-            while not stop.is_set():
+        def scraper() -> None:  # until the stream is done and at least two scrapes were read, however slow
+            while not (stop.is_set() and len(scrapes) >= 2):
                 scrapes.append(_scrape(mport))
 
         t = threading.Thread(target=scraper)
@@ -218,7 +218,8 @@ def test_metrics_endpoint_matches_status(tmp_path: Path) -> None:
         client = _stream(sidecar, tmp_path, "metricsrun", steps=3000)
         assert client.finish(exit_code=0, timeout=60)
         stop.set()
-        t.join()
+        t.join(60)
+        assert not t.is_alive()
         assert len(scrapes) >= 2 and all(s[("wandb_sidecar_up", ())] == 1 for s in scrapes)
         _bad_run(sidecar.addr)
         sidecar.wait_for(lambda s: s["runs"]["metricsrun"]["state"] == "finished"

@@ -31,6 +31,7 @@ from mmdet.core import DistEvalHook, EvalHook
 from protocol import DEFAULT_ADDR, Kind
 
 from .client import SidecarClient
+from .detections import eval_image_indices, finish_run, polygon_masks
 from .val_data import val_data_body
 
 _SUMMARY_CHOICES = ("min", "max", "mean", "best", "last", "none")
@@ -178,9 +179,7 @@ class MMDetWandbSidecarHook(LoggerHook):
             self.log_evaluation = False
             runner.logger.warning("LoadImageFromFile is required to add images to W&B Tables.")
             return
-        indexs = np.arange(len(ds))
-        np.random.RandomState(42).shuffle(indexs)  # upstream's selection, without reseeding global numpy
-        self.eval_image_indexs = indexs[: self.num_eval_images]
+        self.eval_image_indexs = eval_image_indices(len(ds), self.num_eval_images)
         names, paths, boxes, labels, masks = [], [], [], [], []
         for idx in self.eval_image_indexs:
             info = ds.data_infos[idx]
@@ -190,7 +189,7 @@ class MMDetWandbSidecarHook(LoggerHook):
             ann = ds.get_ann_info(idx)
             boxes.append(np.asarray(ann["bboxes"], dtype=np.float32).reshape(-1, 4))
             labels.append(np.asarray(ann["labels"], dtype=np.int64).reshape(-1))
-            masks.append(_polygons(ann.get("masks")))
+            masks.append(polygon_masks(ann.get("masks")))
         assert self.client is not None
         self.client.send(Kind.VAL_DATA, val_data_body(ds.CLASSES, names, paths, boxes, labels, masks,
                                                       self.send_image_bytes))
@@ -259,11 +258,11 @@ class MMDetWandbSidecarHook(LoggerHook):
             return
         boxes, scores, labels, masks = [], [], [], []
         for idx in self.eval_image_indexs:
-            b, s, l, m = _flatten_result(results[idx])
-            boxes.append(b)
-            scores.append(s)
-            labels.append(l)
-            masks.append(m)
+            image_boxes, image_scores, image_labels, image_masks = _flatten_result(results[idx])
+            boxes.append(image_boxes)
+            scores.append(image_scores)
+            labels.append(image_labels)
+            masks.append(image_masks)
         body: dict[str, Any] = {"tag": tag, "indices": list(range(len(boxes))), "boxes": boxes, "scores": scores,
                                 "labels": labels, "score_thr": float(self.bbox_score_thr),
                                 "aliases": ["latest", tag]}
@@ -276,9 +275,7 @@ class MMDetWandbSidecarHook(LoggerHook):
     @master_only
     def after_run(self, runner) -> None:  # type: ignore[no-untyped-def]
         if self.client is not None:
-            if not self.client.finish(exit_code=0, timeout=self.finish_timeout):
-                runner.logger.warning("wandb sidecar did not acknowledge everything in %s s: %s",
-                                      self.finish_timeout, self.client.stats())
+            finish_run(self.client, self.finish_timeout, runner.logger.warning)
 
 
 def _flatten_result(result: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, list | None]:
@@ -297,19 +294,6 @@ def _flatten_result(result: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, li
         masks = [m for per_class in segm_result for m in per_class]
     return (np.ascontiguousarray(bboxes[:, :4], dtype=np.float32), np.ascontiguousarray(bboxes[:, 4], dtype=np.float32),
             labels, masks)
-
-
-def _polygons(masks: Any) -> list | None:
-    """GT polygon masks as plain lists (one list of polygons per instance), or None."""
-    if masks is None:
-        return None
-    out = []
-    for instance in masks:
-        if instance is None or isinstance(instance, dict):  # RLE GT or missing: no polygon to send
-            out.append([])
-        else:
-            out.append([np.asarray(poly, dtype=np.float64).ravel().tolist() for poly in instance])
-    return out
 
 
 __all__: Sequence[str] = ["MMDetWandbSidecarHook"]

@@ -24,6 +24,11 @@ Deliberate differences from ``WandbVisBackend``:
   ``iter + batch_idx``; and a step lower than one already logged is logged at the latest step (counted in
   ``steps_raised``), instead of wandb dropping it. Images of one step under one name (the validation
   images ``DetVisualizationHook`` draws) become one list of images in that row.
+- **Validation keys that training logs too** (``time`` and ``data_time``: mmengine's ``LogProcessor`` logs
+  both for every training iteration and for each validation) are logged as ``val/time`` and
+  ``val/data_time`` where a validation joins a training row, mmengine's own names for them (its message
+  hub's, and ``log_with_hierarchy``'s): upstream's separate rows keep both values, so ours does too. Any
+  other validation key that training has logged is renamed the same way (counted in ``val_keys_renamed``).
 - **No run directory in the trainer.** ``init_kwargs`` go to ``wandb.init`` in the sidecar; ``dir`` is not
   defaulted to ``save_dir`` (the sidecar's ``WANDB_DIR`` decides), ``save_dir`` may be omitted.
 - **Config.** Runner calls ``add_config`` first: the config travels in the run start (``wandb.init(config=...)``
@@ -42,10 +47,12 @@ import logging
 import os
 import os.path as osp
 import sys
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+import time
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
-from mmengine.dist import is_main_process
+from mmengine.dist import all_gather_object, get_world_size, is_main_process
 from mmengine.hooks import CheckpointHook, Hook
 from mmengine.logging import MessageHub
 from mmengine.registry import HOOKS, VISBACKENDS
@@ -56,6 +63,7 @@ from protocol import DEFAULT_ADDR, Kind
 from protocol.limits import MAX_KEY_LEN, MAX_STR_LEN
 
 from .client import SidecarClient
+from .detections import OrderedWorker, encode_masks, eval_image_indices, finish_run, polygon_masks
 from .val_data import val_data_body
 
 if TYPE_CHECKING:
@@ -63,7 +71,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("trainer_hook.mmdet3")
 
-_MAX_DEPTH = 16  # deeper config nesting is sent as text (the protocol refuses deep nesting)
+# Config nesting deeper than this is sent as its text: a config that deep is a mistake or a cycle-like
+# structure, and wandb shows text there as well as a tree (a choice of this module; the protocol's decoder
+# sets no depth limit of its own today).
+_MAX_DEPTH = 16
+# keys mmengine's LogProcessor logs for training and for validation alike
+_SHARED_RUNTIME_KEYS = frozenset({"time", "data_time"})
 
 
 # ------------------------------------------------------------------------------------ vis backend
@@ -114,6 +127,8 @@ class SidecarVisBackend(BaseVisBackend):
         self._client: SidecarClient | None = None
         self._closed = False
         self._last_step = 0
+        self._train_keys: set[str] = set()  # scalar keys training logged (a validation must not replace them)
+        self._drains: list[Callable[[float], Any]] = []
         self._warned: set[str] = set()
         self.counters: dict[str, int] = {}
 
@@ -171,43 +186,68 @@ class SidecarVisBackend(BaseVisBackend):
         if not self._usable("add_image"):
             return
         self.client.send(Kind.IMAGE, {"name": str(name)[:MAX_KEY_LEN], "image": _uint8_image(image),
-                                      "step": self._step(step), "commit": self._commit})
+                                      "step": self._step(step, self._joined_step()), "commit": self._commit})
 
     def add_scalar(self, name: str, value: Any, step: int = 0, **kwargs: Any) -> None:
         self.add_scalars({name: value}, step)
 
     def add_scalars(self, scalar_dict: dict, step: int = 0, file_path: str | None = None, **kwargs: Any) -> None:
-        """Queue scalars for one ``log`` at the (honoured) step; values that are not scalars are skipped."""
+        """Queue scalars for one ``log`` at the (honoured) step; values that are not scalars are skipped.
+
+        A validation inside training joins the training iteration's row: its keys that training logs as
+        well (``time``, ``data_time``) become ``val/<key>``, mmengine's own name for them (its message hub's
+        and ``log_with_hierarchy``'s), so neither value replaces the other."""
         if not self._usable("add_scalars"):
             return
+        joined = self._joined_step()
+        training = joined is None and MessageHub.get_current_instance().get_info("loop_stage") == "train"
         data = {}
         for key, value in scalar_dict.items():
-            scalar = _scalar(value)
-            if scalar is _SKIP or not 0 < len(str(key)) <= MAX_KEY_LEN:
+            key, scalar = str(key), _scalar(value)
+            if joined is not None and (key in _SHARED_RUNTIME_KEYS or key in self._train_keys):
+                if key not in _SHARED_RUNTIME_KEYS:
+                    self._count("val_keys_renamed")
+                    self._warn_once(f"renamed:{key}", "SidecarVisBackend: validation key %r is a training key "
+                                    "too; logged as 'val/%s' in the training iteration's row", key, key)
+                key = f"val/{key}"
+            if scalar is _SKIP or not 0 < len(key) <= MAX_KEY_LEN:
                 self._count("skipped_values")
                 self._warn_once(f"skip:{key}", "SidecarVisBackend: %r is not a scalar; not logged", key)
                 continue
-            data[str(key)] = scalar
+            if training:
+                self._train_keys.add(key)
+            data[key] = scalar
         if data:
-            self.client.log(data, step=self._step(step), commit=self._commit)
+            self.client.log(data, step=self._step(step, joined), commit=self._commit)
+
+    def before_close(self, drain: Callable[[float], Any]) -> None:
+        """Have ``close`` call ``drain(seconds_left)`` first: work queued elsewhere for this run (the hook's
+        prediction batches) reaches the client before the run's end, within the one ``finish_timeout``."""
+        self._drains.append(drain)
 
     def close(self) -> None:
         """Finish the run; wait up to ``finish_timeout`` for the sidecar to have everything."""
         if self._client is not None and not self._closed:
+            deadline = time.monotonic() + self._finish_timeout
+            for drain in self._drains:
+                drain(max(0.0, deadline - time.monotonic()))
             self._closed = True
-            if not self._client.finish(exit_code=0, timeout=self._finish_timeout):
-                log.warning("wandb sidecar did not acknowledge everything in %s s: %s",
-                            self._finish_timeout, self._client.stats())
+            finish_run(self._client, max(0.0, deadline - time.monotonic()))
 
     # -- helpers
 
-    def _step(self, step: int) -> int:
-        """The wandb step: ``step``, the training iteration during validation inside training, never back."""
+    def _joined_step(self) -> int | None:
+        """The training iteration a validation inside training joins (mmengine's ``loop_stage`` is ``val``
+        and it knows the training iteration); None otherwise."""
         hub = MessageHub.get_current_instance()
         train_iter = hub.get_info("iter")
         if hub.get_info("loop_stage") == "val" and train_iter is not None:
-            step = int(train_iter) + 1  # ``iter`` is set before each training iteration: +1 is the one done
-        step = int(step)
+            return int(train_iter) + 1  # ``iter`` is set before each training iteration: +1 is the one done
+        return None
+
+    def _step(self, step: int, joined: int | None) -> int:
+        """The wandb step: ``step``, or the training iteration a validation joins; never back."""
+        step = int(step) if joined is None else joined
         if step < self._last_step:
             self._count("steps_raised")
             step = self._last_step
@@ -253,8 +293,10 @@ class DetWandbSidecarHook(Hook):
 
     Checkpoints are announced after the evaluation that follows them (for the metadata; the file is only
     removed by ``max_keep_ckpts`` at the next save), or before the next training epoch/iteration when no
-    evaluation follows. In distributed validation, the prediction table holds the selected images that
-    rank 0 evaluated.
+    evaluation follows. Predictions are filtered by score where they are (GPU), only the kept ones are
+    copied, and their masks are RLE-encoded on a worker thread of the hook, in order. In distributed
+    validation every rank keeps the predictions of the selected images it evaluated, and rank 0 gathers
+    them all at the end of the validation, so the tables cover every selected image.
     """
 
     priority = "LOWEST"  # after CheckpointHook (VERY_LOW): this epoch's checkpoint is saved when we look
@@ -281,24 +323,43 @@ class DetWandbSidecarHook(Hook):
         self.client_kwargs = dict(client_kwargs or {})
         self.finish_timeout = finish_timeout
         self.client: SidecarClient | None = None
+        self._started = False
         self._own_client = False
         self._ckpt_hook: CheckpointHook | None = None
         self._ckpt_by_epoch: bool | None = None  # None: checkpoints not logged
         self._seen_ckpt: str | None = None
         self._pending_ckpt: tuple[str, dict[str, int]] | None = None
         self._hold_ckpt = False
-        self._rows: dict[str, int] = {}  # image path -> row of the val table
-        self._preds: dict[int, tuple] = {}
+        self._rows: dict[str, int] = {}  # image path -> row of the val table (same on every rank)
+        self._preds: dict[int, Prediction] = {}  # this rank's, this validation's
+        self._send_tables = True
+        self._encoder = OrderedWorker("wandb-sidecar-masks")
         self._evals = 0
 
     # -- run start
 
     def before_run(self, runner: Runner) -> None:
-        if not is_main_process() or self.client is not None:
+        if self._started:  # runner.val()/test() after train(): one run
+            return
+        self._started = True
+        val_loop = runner._val_loop  # built by train()/val() before before_run; a dict when unused
+        has_val = isinstance(val_loop, BaseLoop)
+        selection = None
+        if self.num_eval_images > 0 and has_val:
+            try:  # on every rank: each keeps the predictions of the selected images it evaluates
+                selection = _eval_selection(val_loop.dataloader.dataset, self.num_eval_images)
+            except Exception as exc:  # a dataset this hook cannot read must not stop training
+                runner.logger.warning(f"DetWandbSidecarHook: validation table not logged "
+                                      f"({type(exc).__name__}: {exc})")
+        if selection is not None:
+            keys, selection = selection
+            self._rows = {key: row for row, key in enumerate(keys)}
+        if not is_main_process():
             return
         backend = _sidecar_backend(runner)
         if backend is not None:
             self.client = backend.client
+            backend.before_close(self._encoder.drain)  # predictions still encoding go out before the finish
         else:
             runner.logger.warning("DetWandbSidecarHook: no SidecarVisBackend in the visualizer; logging "
                                   "checkpoints and tables to a run of its own")
@@ -310,37 +371,14 @@ class DetWandbSidecarHook(Hook):
             runner.logger.warning("DetWandbSidecarHook: no CheckpointHook; checkpoints are not logged")
         if self.log_checkpoint and self._ckpt_hook is not None:
             self._ckpt_by_epoch = bool(self._ckpt_hook.by_epoch)
-        val_loop = runner._val_loop  # built by train()/val() before before_run; a dict when unused
-        has_val = isinstance(val_loop, BaseLoop)
         self._hold_ckpt = self.log_checkpoint_metadata and has_val
-        if self.num_eval_images > 0 and has_val:
+        if selection is not None:
             try:
-                self._send_val_data(runner, val_loop.dataloader.dataset)
-            except Exception as exc:  # a dataset this hook cannot read must not stop training
-                self._rows = {}
+                self.client.send(Kind.VAL_DATA, val_data_body(send_image_bytes=self.send_image_bytes, **selection))
+            except OSError as exc:  # an image file it cannot read (send_image_bytes): no tables, training goes on
+                self._send_tables = False  # the other ranks still take part in each validation's gather
                 runner.logger.warning(f"DetWandbSidecarHook: validation table not logged "
                                       f"({type(exc).__name__}: {exc})")
-
-    def _send_val_data(self, runner: Runner, dataset: Any) -> None:
-        """The selected validation images (paths or bytes) and their ground truth, once."""
-        n = len(dataset)
-        indices = np.arange(n)
-        np.random.RandomState(42).shuffle(indices)  # the 2.x hook's selection, without global reseeding
-        indices = indices[: min(self.num_eval_images, n)]
-        names, paths, boxes, labels, masks = [], [], [], [], []
-        for row, idx in enumerate(indices.tolist()):
-            info = dataset.get_data_info(idx)
-            path = info["img_path"]
-            self._rows[str(path)] = row
-            names.append(osp.basename(path))
-            paths.append(osp.abspath(path))
-            b, l, m = _ground_truth(info.get("instances", []))
-            boxes.append(b)
-            labels.append(l)
-            masks.append(m)
-        assert self.client is not None
-        self.client.send(Kind.VAL_DATA, val_data_body(dataset.metainfo.get("classes", ()), names, paths, boxes, labels, masks,
-                                                      self.send_image_bytes))
 
     # -- checkpoints
 
@@ -390,15 +428,22 @@ class DetWandbSidecarHook(Hook):
 
     def after_val_iter(self, runner: Runner, batch_idx: int, data_batch: Any = None,
                        outputs: Sequence[Any] | None = None) -> None:
-        """Keep the predictions of the selected images (only those: the rest costs a dict lookup)."""
+        """Keep the predictions of the selected images (only those: the rest costs a dict lookup).
+
+        Filtered by score on their device, only the kept ones copied; masks encoded on the worker."""
         if not self._rows or not outputs:
             return
         for sample in outputs:
             row = self._rows.get(str(sample.metainfo.get("img_path")))
             if row is not None and "pred_instances" in sample:
-                self._preds[row] = _predictions(sample.pred_instances, self.bbox_score_thr)
+                boxes, scores, labels, masks = _kept_predictions(sample.pred_instances, self.bbox_score_thr)
+                rles = None if masks is None else self._encoder.submit(encode_masks, masks)
+                self._preds[row] = (boxes, scores, labels, rles)
 
     def after_val_epoch(self, runner: Runner, metrics: dict[str, float] | None = None) -> None:
+        preds, self._preds = self._preds, {}
+        if self._rows and get_world_size() > 1:
+            preds = _gather(preds)  # a collective: every rank calls it, rank 0 gets every rank's
         if self.client is None:
             return
         if self._ckpt_by_epoch is not None:
@@ -406,8 +451,9 @@ class DetWandbSidecarHook(Hook):
             self._checkpoint_saved({"epoch": runner.epoch} if self._ckpt_by_epoch else {"iter": runner.iter})
             if self._pending_ckpt is not None:
                 self._send_checkpoint(metrics or {})
-        if self._rows:
-            self._send_predictions(self._eval_tag(runner))
+        if self._rows and self._send_tables:
+            # after the masks this validation queued on the worker: the batch goes out complete, in order
+            self._encoder.submit(self._send_predictions, self._eval_tag(runner), preds)
 
     def _eval_tag(self, runner: Runner) -> str:
         loop = runner._train_loop
@@ -416,28 +462,32 @@ class DetWandbSidecarHook(Hook):
             return f"eval_{self._evals}"  # runner.val() outside training
         return f"iter_{runner.iter}" if isinstance(loop, IterBasedTrainLoop) else f"epoch_{runner.epoch}"
 
-    def _send_predictions(self, tag: str) -> None:
+    def _send_predictions(self, tag: str, preds: dict[int, Prediction]) -> None:
+        """On the worker: one prediction batch, rows in table order."""
         assert self.client is not None
-        rows = sorted(self._preds)
-        preds = [self._preds[r] for r in rows]
-        self._preds = {}
-        body: dict[str, Any] = {"tag": tag, "indices": rows, "boxes": [p[0] for p in preds],
-                                "scores": [p[1] for p in preds], "labels": [p[2] for p in preds],
+        rows = sorted(preds)
+        resolved = [_resolved(preds[r]) for r in rows]
+        body: dict[str, Any] = {"tag": tag, "indices": rows, "boxes": [p[0] for p in resolved],
+                                "scores": [p[1] for p in resolved], "labels": [p[2] for p in resolved],
                                 "score_thr": self.bbox_score_thr, "aliases": ["latest", tag]}
-        if any(p[3] is not None for p in preds):
-            body["masks"] = [p[3] for p in preds]
+        if any(p[3] is not None for p in resolved):
+            body["masks"] = [p[3] for p in resolved]
         self.client.send(Kind.PRED_BATCH, body)
 
     # -- run end
 
     def after_run(self, runner: Runner) -> None:
         if self.client is not None and self._own_client:
-            if not self.client.finish(exit_code=0, timeout=self.finish_timeout):
-                runner.logger.warning("wandb sidecar did not acknowledge everything in %s s: %s",
-                                      self.finish_timeout, self.client.stats())
+            self._encoder.drain(self.finish_timeout)
+            finish_run(self.client, self.finish_timeout, runner.logger.warning)
+        self._encoder.shutdown()
 
 
 # ------------------------------------------------------------------------------------ helpers
+
+# one image's kept predictions: boxes (n, 4), scores (n,), 0-based labels (n,), and its masks' RLEs (a
+# list, a Future of the worker's list, or None without masks)
+Prediction = tuple[np.ndarray, np.ndarray, np.ndarray, Any]
 
 
 def _sidecar_backend(runner: Runner) -> SidecarVisBackend | None:
@@ -445,44 +495,79 @@ def _sidecar_backend(runner: Runner) -> SidecarVisBackend | None:
     return next((b for b in backends.values() if isinstance(b, SidecarVisBackend)), None)
 
 
+def _eval_selection(dataset: Any, num_eval_images: int) -> tuple[list[str], dict[str, Any]]:
+    """The selected validation images: their ``img_path`` as the samples carry it (the rows' keys), and
+    ``val_data_body``'s arguments (names, absolute paths, ground truth)."""
+    keys: list[str] = []
+    out: dict[str, list] = {"image_names": [], "image_paths": [], "gt_boxes": [], "gt_labels": [], "gt_masks": []}
+    for idx in eval_image_indices(len(dataset), num_eval_images).tolist():
+        info = dataset.get_data_info(idx)
+        path = info["img_path"]
+        keys.append(str(path))
+        out["image_names"].append(osp.basename(path))
+        out["image_paths"].append(osp.abspath(path))
+        boxes, labels, masks = _ground_truth(info.get("instances", []))
+        out["gt_boxes"].append(boxes)
+        out["gt_labels"].append(labels)
+        out["gt_masks"].append(masks)
+    return keys, {"class_names": dataset.metainfo.get("classes", ()), **out}
+
+
 def _ground_truth(instances: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray, list]:
     """mmdet 3 ``instances`` (not ignored) → boxes (n, 4) xyxy, 0-based labels (n,), polygon lists."""
     kept = [i for i in instances if not i.get("ignore_flag", 0)]
     boxes = np.asarray([i["bbox"] for i in kept], dtype=np.float32).reshape(-1, 4)
     labels = np.asarray([i["bbox_label"] for i in kept], dtype=np.int64).reshape(-1)
-    masks = []
-    for i in kept:
-        mask = i.get("mask")
-        if isinstance(mask, list):  # polygons; RLE (crowd) or none: no polygon to send
-            masks.append([np.asarray(p, dtype=np.float64).ravel().tolist() for p in mask])
-        else:
-            masks.append([])
-    return boxes, labels, masks
+    return boxes, labels, polygon_masks(i.get("mask") for i in kept) or []
 
 
-def _predictions(pred: Any, thr: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, list | None]:
-    """``DetDataSample.pred_instances`` above ``thr`` → boxes, scores, labels and COCO RLEs (or None)."""
-    scores = _numpy(pred.scores).astype(np.float32).reshape(-1)
-    keep = scores > thr if thr > 0 else np.ones(len(scores), dtype=bool)
-    boxes = _numpy(pred.bboxes).astype(np.float32).reshape(-1, 4)[keep]
-    labels = _numpy(pred.labels).astype(np.int64).reshape(-1)[keep]
-    rles = None
+def _kept_predictions(pred: Any, thr: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """``DetDataSample.pred_instances`` above ``thr`` → boxes, scores, labels, masks (n, H, W) as numpy.
+
+    The score test runs where the tensors are (a GPU's), so only the kept predictions are copied; masks
+    are copied, not encoded (:func:`encode_masks` runs on the hook's worker)."""
+    scores = pred.scores
+    keep: Any = None
+    if thr > 0:
+        # float32, as mmdet's scores are (an fp16 score is compared as the float32 it becomes here)
+        keep = (scores.float() if hasattr(scores, "float") else np.asarray(scores, np.float32)) > thr
+    masks = None
     if "masks" in pred:
         masks = pred.masks
-        masks = _numpy(getattr(masks, "masks", masks))[keep]  # BitmapMasks or a (n, H, W) tensor
-        rles = _rles(masks)
-    return np.ascontiguousarray(boxes), np.ascontiguousarray(scores[keep]), labels, rles
+        masks = _kept(getattr(masks, "masks", masks), keep)  # BitmapMasks' array, or a (n, H, W) tensor
+    return (np.ascontiguousarray(_kept(pred.bboxes, keep).astype(np.float32).reshape(-1, 4)),
+            np.ascontiguousarray(_kept(scores, keep).astype(np.float32).reshape(-1)),
+            _kept(pred.labels, keep).astype(np.int64).reshape(-1), masks)
 
 
-def _rles(masks: np.ndarray) -> list | None:
-    try:
-        import pycocotools.mask as mask_util
-    except ImportError:
-        return None
-    if len(masks) == 0:
-        return []
-    encoded = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
-    return [{"size": [int(s) for s in r["size"]], "counts": r["counts"]} for r in encoded]
+def _kept(values: Any, keep: Any) -> np.ndarray:
+    """``values[keep]`` as numpy: indexed where it lives (device tensor or array), then copied."""
+    if keep is None:
+        return _numpy(values)
+    if hasattr(values, "detach"):
+        if not hasattr(keep, "detach"):
+            import torch
+
+            keep = torch.as_tensor(keep)
+        return _numpy(values[keep.to(values.device)])
+    return np.asarray(values)[_numpy(keep)]
+
+
+def _resolved(pred: Prediction) -> Prediction:
+    boxes, scores, labels, rles = pred
+    return boxes, scores, labels, rles.result() if isinstance(rles, Future) else rles
+
+
+def _gather(preds: dict[int, Prediction]) -> dict[int, Prediction]:
+    """Every rank's predictions of the selected images, on every rank (their masks encoded first).
+
+    A sampler that pads the last batch evaluates an image twice: either copy is the same prediction."""
+    local = {row: _resolved(p) for row, p in preds.items()}
+    merged: dict[int, Prediction] = {}
+    for part in all_gather_object(local):
+        for row, pred in part.items():
+            merged.setdefault(row, pred)
+    return merged
 
 
 def _numpy(x: Any) -> np.ndarray:

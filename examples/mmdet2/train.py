@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,8 +65,9 @@ def logger_hooks(
     return hooks
 
 
-def train(cfg: Config) -> TrainResult:
-    """Build model and datasets from ``cfg``; ``train_detector`` with validation, one process."""
+def train(cfg: Config, distributed: bool = False) -> TrainResult:
+    """Build model and datasets from ``cfg``; ``train_detector`` with validation (one process, or one rank
+    of a distributed training whose process group exists)."""
     import mmcv
     import mmdet
     from mmcv.utils import import_modules_from_strings
@@ -91,7 +93,7 @@ def train(cfg: Config) -> TrainResult:
     cfg.checkpoint_config.meta = dict(mmdet_version=mmdet.__version__, CLASSES=datasets[0].CLASSES)
     model.CLASSES = datasets[0].CLASSES
     train_detector(
-        model, datasets, cfg, distributed=False, validate=True, timestamp=timestamp, meta=meta
+        model, datasets, cfg, distributed=distributed, validate=True, timestamp=timestamp, meta=meta
     )
     seconds = time.perf_counter() - start
 
@@ -150,7 +152,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-keep-ckpts", type=int, default=-1, help="CheckpointHook's max_keep_ckpts")
     p.add_argument("--time-hooks", action="store_true",
                    help="report the wall time spent in the wandb hook's methods (the trainer's stall)")
+    p.add_argument("--dist", action="store_true",
+                   help="one rank of a gloo (CPU) distributed training (RANK, WORLD_SIZE, MASTER_* from the env)")
+    p.add_argument("--record-sent", default=None,
+                   help="tests: write the prediction batches the sidecar hook sent to this JSON file")
     args = p.parse_args(argv)
+    sent = None
+    if args.record_sent:
+        from tests.sent_predictions import record_prediction_batches
+
+        sent = record_prediction_batches()
 
     data = coco_paths(Path(args.data_root))
     if not Path(data["train_ann_file"]).exists():
@@ -171,10 +182,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.logger == "sidecar":
         cfg.custom_imports = dict(imports=["trainer_hook.mmdet"], allow_failed_imports=False)
     timings = _time_hook_methods(args.logger) if args.time_hooks else None
-    result = train(cfg)
-    print(json.dumps({"work_dir": str(result.work_dir), "seconds": round(result.seconds, 3),
-                      "checkpoints": [str(c) for c in result.checkpoints],
-                      "hook_seconds": timings}))
+    rank = 0
+    if args.dist:
+        from examples.mmdet2 import cpu_dist
+
+        rank = cpu_dist.start()
+        cfg.gpu_ids = list(range(int(os.environ["WORLD_SIZE"])))
+        cfg.custom_hooks = [*cfg.get("custom_hooks", []), dict(type="LogBufferProbeHook", priority="LOWEST")]
+    result = train(cfg, distributed=args.dist)
+    if sent is not None:
+        from tests.sent_predictions import dump
+
+        dump(sent, args.record_sent)
+    out: dict[str, Any] = {"work_dir": str(result.work_dir), "seconds": round(result.seconds, 3),
+                           "checkpoints": [str(c) for c in result.checkpoints], "hook_seconds": timings,
+                           "rank": rank, "pid": os.getpid()}
+    if args.logger == "sidecar":
+        from trainer_hook import client as client_module
+
+        out["clients"] = len(client_module._clients)  # SidecarClients this process made
+    if args.dist:
+        from examples.mmdet2 import cpu_dist
+
+        out["log_buffer_after_iters"] = cpu_dist.LogBufferProbeHook.seen
+        cpu_dist.end()
+    print(json.dumps(out))
     return 0
 
 

@@ -7,9 +7,10 @@ from typing import Any, Sequence
 
 from mmengine.config import Config
 
+from examples.mmdet2.tiny_model import shrink_mask_rcnn
+
 SHIPPED_CONFIG = "mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py"
 IMG_SCALE = (96, 96)
-CHANNELS = 32
 
 
 def shipped_config_path() -> Path:
@@ -26,21 +27,6 @@ def _rescale(pipeline: list[dict[str, Any]]) -> None:
     for step in pipeline:
         if step["type"] == "Resize":
             step["scale"] = IMG_SCALE
-
-
-def _shrink_model(model: Config, num_classes: int, base_channels: int) -> None:
-    """ResNet-18 from scratch, 32-channel FPN and heads, ``num_classes`` outputs, few detections."""
-    model.backbone.update(depth=18, base_channels=base_channels, init_cfg=None, frozen_stages=-1, norm_eval=False)
-    model.neck.update(in_channels=[base_channels * 2**i for i in range(4)], out_channels=CHANNELS)
-    model.rpn_head.update(in_channels=CHANNELS, feat_channels=CHANNELS)
-    roi = model.roi_head
-    roi.bbox_roi_extractor.out_channels = CHANNELS
-    roi.bbox_head.update(in_channels=CHANNELS, fc_out_channels=64, num_classes=num_classes)
-    roi.mask_roi_extractor.out_channels = CHANNELS
-    roi.mask_head.update(in_channels=CHANNELS, conv_out_channels=CHANNELS, num_classes=num_classes)
-    model.train_cfg.rcnn.sampler.num = 64
-    model.test_cfg.rpn.update(nms_pre=200, max_per_img=100)
-    model.test_cfg.rcnn.max_per_img = 20
 
 
 def tiny_mask_rcnn_cfg(
@@ -66,7 +52,7 @@ def tiny_mask_rcnn_cfg(
     """
     cfg = Config.fromfile(str(shipped_config_path()))
     classes = tuple(data["classes"])
-    _shrink_model(cfg.model, len(classes), base_channels)
+    shrink_mask_rcnn(cfg.model, len(classes), base_channels)
 
     for loader, ann, prefix in (("train_dataloader", "train_ann_file", "train_img_prefix"),
                                 ("val_dataloader", "val_ann_file", "val_img_prefix"),
