@@ -4,7 +4,7 @@ Load with ``custom_imports=dict(imports=['trainer_hook.mmdet3'], allow_failed_im
 
     visualizer = dict(type='DetLocalVisualizer', vis_backends=[
         dict(type='LocalVisBackend'),
-        dict(type='SidecarVisBackend', sidecar_addr='tcp://127.0.0.1:5555', init_kwargs=dict(project='mmdet'))])
+        dict(type='SidecarVisBackend', init_kwargs=dict(project='mmdet'))])  # the default owner-only socket
     custom_hooks = [dict(type='DetWandbSidecarHook', num_eval_images=100, bbox_score_thr=0.3)]
 
 ``SidecarVisBackend`` takes mmengine's ``WandbVisBackend`` arguments and logs the same run (config, code
