@@ -260,7 +260,7 @@ class SidecarServer:
             return (f"run {st.run_id} is being written by another live trainer (incarnation {st.incarnation}, "
                     f"host {client.get('host')}, pid {client.get('pid')}); this one is taken once that one "
                     "finishes or is declared lost. Use another run id to log both.")
-        return getattr(st, "refused_detail", "") or st.refused
+        return st.refused_detail or st.refused
 
     def _reject(self, peer: bytes, exc: ProtocolError, header: Header | None = None) -> None:
         self.rejected[exc.reason] += 1

@@ -19,7 +19,6 @@ from typing import Any, Iterator
 
 import numpy as np
 import pytest
-import wandb
 import yaml
 from click.testing import CliRunner
 
