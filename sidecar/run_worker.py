@@ -21,7 +21,7 @@ from protocol import Kind, Message
 from .journal_trim import JournalTrimmer, live_run_file
 from .paths import FileGuard
 from .wandb_log_tail import WandbLogTail
-from .wandb_sink import WandbSink
+from .wandb_sink import SinkError, WandbSink
 
 log = logging.getLogger("sidecar.worker")
 
@@ -138,7 +138,7 @@ class RunWorker(threading.Thread):
             except Exception as exc:  # wandb raises anything; a failed message must not kill the run
                 attempts += 1
                 self.last_error = f"{msg.kind} seq {msg.seq}: {type(exc).__name__}: {exc}"
-                if msg.kind is Kind.RUN_START and isinstance(exc.__cause__ or exc, (TypeError, ValueError)):
+                if isinstance(exc, SinkError) and isinstance(exc.__cause__, (TypeError, ValueError)):
                     self.state = "failed"  # wandb will never take these arguments: retrying cannot help
                     log.error("run %s: %s; permanent, not retried (the trainer is told)", self.run_id,
                               self.last_error)
