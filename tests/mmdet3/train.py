@@ -91,6 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = tiny_mask_rcnn_cfg(data, args.work_dir, max_epochs=args.max_epochs, by_iter=args.by_iter,
                              vis_backends=[backend], custom_hooks=hooks, draw=args.draw)
     cfg.resume = args.resume
+    if args.resume:
+        # mmengine 0.10 loads its checkpoints (numpy arrays, its HistoryBuffer) with torch.load's default,
+        # which is weights_only=True since torch 2.6 and refuses them; this run's own checkpoint is trusted
+        os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     if args.logger == "sidecar":
         cfg.custom_imports = dict(imports=["trainer_hook.mmdet3"], allow_failed_imports=False)
         import_modules_from_strings(**cfg.custom_imports)  # what Config.fromfile does for a config file
