@@ -235,3 +235,79 @@ def test_two_rank_training_gives_one_run_from_rank_0_and_clears_every_ranks_log_
     assert load_sent(tmp_path / "sent1.json") == []  # rank 1 sends nothing
     _check_val_table(run)
     _check_pred_tables(run, ["epoch_1", "epoch_2"], load_sent(tmp_path / "sent0.json"))
+
+
+
+def _mmcv_log(work: Path) -> list[dict]:
+    """Every record of mmcv's ``*.log.json`` files in ``work`` (one file a training), env headers left out."""
+    records = []
+    for path in sorted(work.glob("*.log.json")):
+        records += [r for r in map(json.loads, path.read_text().splitlines()) if "mode" in r]
+    return records
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> tuple[RunRecords, dict, list[dict]]:
+    """Train 1 epoch, end the trainer, ``resume_from`` its checkpoint with the same wandb id for epoch 2 (a
+    new process: the second incarnation of the run). Returns the run read back, the sidecar's status once
+    the run finished, and mmcv's own log records of both trainings."""
+    tmp_path = tmp_path_factory.mktemp("resume2x")
+    run_id, work, wandb_dir = "resume2x", tmp_path / "work_dirs", tmp_path / "trainer_wandb"
+    with SidecarProcess(tmp_path, allow_roots=[tmp_path, data_root]) as sidecar:
+        _train("sidecar", work, data_root, wandb_dir, "--max-epochs", "1", "--run-id", run_id, addr=sidecar.addr)
+        assert sorted(p.name for p in work.glob("epoch_*.pth")) == ["epoch_1.pth"]
+        _train("sidecar", work, data_root, wandb_dir, "--max-epochs", "2", "--run-id", run_id,
+               "--resume-from", str(work / "epoch_1.pth"), addr=sidecar.addr)
+        status = sidecar.wait_for(lambda s: s["runs"][run_id]["state"] == "finished", timeout=600)
+        assert sidecar.stop() == 0
+    runs = read_runs(sidecar.wandb_dir)
+    assert list(runs) == [run_id]
+    return runs[run_id], status, _mmcv_log(work)
+
+
+def _hook_steps(records: list[dict]) -> tuple[list[int], list[int], int]:
+    """The steps the hook gives what mmcv logged (iteration + 1; validation at the epoch's last + 1)."""
+    train = [r for r in records if r["mode"] == "train"]
+    per_epoch = max(r["iter"] for r in train)
+    train_steps = [(r["epoch"] - 1) * per_epoch + r["iter"] for r in train]
+    val_steps = [r["epoch"] * per_epoch + 1 for r in records if r["mode"] == "val"]
+    return train_steps, val_steps, per_epoch
+
+
+def test_resume_from_a_checkpoint_with_the_same_run_id_continues_one_wandb_run(resumed) -> None:  # type: ignore[no-untyped-def]
+    """One wandb run, taken over by the second trainer unrefused; every step once, in order; both epochs'
+    training steps and evaluations; each epoch's checkpoint and prediction table once."""
+    run, status, records = resumed
+    run_status = status["runs"][run.run_id]
+    assert run_status["incarnations"] == 2 and run_status["duplicates"] == 0
+    assert not status["rejected"] and not run_status["in_use_refused"] and not run_status["rejected"]
+    assert len(run.dirs) == 2 and run.exit_code == 0  # one wandb run, resumed once
+
+    train_steps, val_steps, per_epoch = _hook_steps(records)
+    assert [r["epoch"] for r in records if r["mode"] == "train"] == [1] * per_epoch + [2] * per_epoch
+    assert train_steps == list(range(1, 2 * per_epoch + 1)) and val_steps == [per_epoch + 1, 2 * per_epoch + 1]
+    steps = run.steps()
+    assert steps == sorted(set(steps)), "a step twice or out of order in the wandb history"
+    assert steps == list(range(1, 2 * per_epoch + 2))  # no step missing, epoch 2's after epoch 1's
+    assert [row["_step"] for row in run.history if "val/bbox_mAP" in row] == val_steps
+    # every training step but epoch 2's first (see the next test) holds its training metrics
+    assert [row["_step"] for row in run.history if "train/loss" in row] == [s for s in train_steps if s != per_epoch + 1]
+
+    models = run.artifacts_named(f"run_{run.run_id}_model")
+    assert [(sorted(a.aliases), list(a.files)) for a in models] == [
+        (["epoch_1", "latest"], ["epoch_1.pth"]), (["epoch_2", "latest"], ["epoch_2.pth"])]
+    assert [m.metadata["epoch"] for m in models] == [1, 2]
+    preds = run.artifacts_named(f"run_{run.run_id}_pred")
+    assert [sorted(a.aliases) for a in preds] == [["epoch_1", "latest"], ["epoch_2", "latest"]]
+    assert len(run.artifacts_named("val")) == 1  # the validation table once, not again by the second trainer
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "known loss: the 2.x hook logs epoch 1's evaluation at step iter+1, the step of epoch 2's first training "
+    "iteration; the first trainer's finish commits that step, so the resumed trainer's row for it is skipped "
+    "(wandb keeps steps increasing) and its training metrics are lost, as upstream loses them in every run "
+    "(mmdet#7000)"))
+def test_resume_keeps_the_first_training_row_of_the_resumed_epoch(resumed) -> None:  # type: ignore[no-untyped-def]
+    run, _, records = resumed
+    train_steps, _, _ = _hook_steps(records)
+    assert [row["_step"] for row in run.history if "train/loss" in row] == train_steps

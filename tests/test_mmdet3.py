@@ -493,3 +493,57 @@ def test_predictions_sent_are_unchanged_by_the_device_filter_and_the_mask_worker
             assert batch["rles"][j] == rles
         assert len(batch["scores"][0]) == (4 if thr else n)
     assert threads and all(name.startswith("wandb-sidecar-masks") for name in threads)  # not the trainer's
+
+
+def _local_steps(work_dir: Path) -> tuple[list[int], list[int]]:
+    """Training steps, and the training step each validation follows, as mmengine's own ``LocalVisBackend``
+    recorded them in every training of ``work_dir`` (one timestamped directory each), in order."""
+    train, val = [], []
+    for path in sorted(work_dir.glob("*/vis_data/scalars.json")):
+        for record in map(json.loads, filter(str.strip, path.read_text().splitlines())):
+            if "loss" in record:
+                train.append(record["step"])
+            elif "coco/bbox_mAP" in record:
+                val.append(train[-1])
+    return train, val
+
+
+def test_resume_with_the_same_run_id_continues_one_wandb_run(tmp_path: Path, data: dict) -> None:
+    """Train 1 epoch, end the trainer, ``resume=True`` (the latest checkpoint of the work dir) with the same
+    wandb id for epoch 2: the second incarnation takes the run over unrefused; one wandb run with every
+    training iteration once, both evaluations, each epoch's checkpoint and prediction table once."""
+    run_id = "resume3x"
+    with SidecarProcess(tmp_path) as sidecar:
+        first = _finish(_train(sidecar, tmp_path, run_id, "--max-epochs", "1"))
+        assert [Path(c).name for c in first["checkpoints"]] == ["epoch_1.pth"]
+        second = _finish(_train(sidecar, tmp_path, run_id, "--max-epochs", "2", "--resume"))
+        status = sidecar.wait_for(lambda s: s["runs"][run_id]["state"] == "finished", timeout=600)
+        assert sidecar.stop() == 0
+    for result in (first, second):
+        _check_trainer_stats(result)  # nothing refused, dropped or unacknowledged by either trainer
+        assert result["run_id"] == run_id
+    run_status = status["runs"][run_id]
+    assert run_status["incarnations"] == 2 and run_status["duplicates"] == 0
+    assert not status["rejected"] and not run_status["in_use_refused"] and not run_status["rejected"]
+
+    runs = read_runs(sidecar.wandb_dir)
+    assert list(runs) == [run_id]
+    run = runs[run_id]
+    assert len(run.dirs) == 2 and run.exit_code == 0  # one wandb run, resumed once
+    train_steps, val_steps = _local_steps(tmp_path / f"work-{run_id}")
+    assert train_steps == list(range(1, 2 * ITERS_PER_EPOCH + 1))  # epoch 2 resumed after epoch 1's last
+    assert val_steps == [ITERS_PER_EPOCH, 2 * ITERS_PER_EPOCH]
+    steps = run.steps()
+    assert steps == sorted(set(steps)), "a step twice or out of order in the wandb history"
+    assert steps == train_steps
+    for row in run.history:
+        assert TRAIN_KEYS <= set(row), row
+    assert [row["_step"] for row in run.history if VAL_KEYS <= set(row)] == val_steps
+
+    models = run.artifacts_named(f"run_{run_id}_model")
+    assert [(sorted(m.aliases), list(m.files)) for m in models] == [
+        (["epoch_1", "latest"], ["epoch_1.pth"]), (["epoch_2", "latest"], ["epoch_2.pth"])]
+    assert [m.metadata["epoch"] for m in models] == [1, 2]
+    preds = run.artifacts_named(f"run_{run_id}_pred")
+    assert [sorted(p.aliases) for p in preds] == [["epoch_1", "latest"], ["epoch_2", "latest"]]
+    assert len(run.artifacts_named("val")) == 1  # the validation table once, not again by the second trainer

@@ -49,11 +49,14 @@ class TrainResult:
 
 def logger_hooks(
     logger: str, *, sidecar_addr: str | None = None, project: str = "test",
-    hook_args: dict[str, Any] | None = None,
+    hook_args: dict[str, Any] | None = None, run_id: str | None = None,
 ) -> list[dict[str, Any]]:
-    """``log_config.hooks`` for ``logger`` in ``none`` | ``upstream`` | ``sidecar``."""
+    """``log_config.hooks`` for ``logger`` in ``none`` | ``upstream`` | ``sidecar``; with ``run_id`` the wandb
+    run has that id and a training resumed with it continues the same run."""
     hooks: list[dict[str, Any]] = [dict(type="TextLoggerHook")]
-    init_kwargs = {"project": project, "mode": "offline"}
+    init_kwargs: dict[str, Any] = {"project": project, "mode": "offline"}
+    if run_id:
+        init_kwargs.update(id=run_id, resume="allow")
     args = {**HOOK_ARGS, **(hook_args or {})}
     if logger == "upstream":
         hooks.append(dict(type="MMDetWandbHook", init_kwargs=init_kwargs, **args))
@@ -144,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--project", default="test")
     p.add_argument("--by-iter", action="store_true", help="IterBasedRunner instead of epochs")
     p.add_argument("--max-epochs", type=int, default=2)
+    p.add_argument("--run-id", default=None, help="the wandb run id (init_kwargs id, resume='allow')")
+    p.add_argument("--resume-from", default=None, help="checkpoint to resume the training from (cfg.resume_from)")
     p.add_argument("--max-iters", type=int, default=None)
     p.add_argument("--base-channels", type=int, default=64, help="ResNet-18 width; 16: ~7 MB ckpts")
     p.add_argument("--seed", type=int, default=0)
@@ -174,9 +179,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_iters=args.max_iters,
         base_channels=args.base_channels,
         hooks=logger_hooks(args.logger, sidecar_addr=args.sidecar_addr, project=args.project,
-                           hook_args=args.hook_args),
+                           hook_args=args.hook_args, run_id=args.run_id),
         seed=args.seed,
     )
+    if args.resume_from:
+        cfg.resume_from = args.resume_from
     if args.max_keep_ckpts > 0:
         cfg.checkpoint_config.max_keep_ckpts = args.max_keep_ckpts
     if args.logger == "sidecar":

@@ -57,6 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--project", default="test")
     p.add_argument("--by-iter", action="store_true", help="IterBasedTrainLoop (24 iterations) instead of epochs")
     p.add_argument("--max-epochs", type=int, default=2)
+    p.add_argument("--resume", action="store_true",
+                   help="cfg.resume=True: continue from the latest checkpoint in the work dir")
     p.add_argument("--draw", action="store_true", help="DetVisualizationHook draws every validation image")
     p.add_argument("--no-hook", action="store_true", help="only the vis backend, no DetWandbSidecarHook")
     p.add_argument("--record-sent", default=None, help="write the prediction batches sent here (JSON)")
@@ -77,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = make_coco_dataset(Path(args.data_root))
     init_kwargs: dict[str, Any] = {"project": args.project}
     if args.run_id:
-        init_kwargs["id"] = args.run_id
+        init_kwargs.update(id=args.run_id, resume="allow")  # a resumed training continues the same run
     if args.logger == "upstream":
         backend = dict(type="WandbVisBackend", init_kwargs={**init_kwargs, "mode": "offline", "dir": args.wandb_dir},
                        define_metric_cfg={"coco/bbox_mAP": "max"})
@@ -88,6 +90,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         hooks = [] if args.no_hook else [dict(type="DetWandbSidecarHook", **HOOK_ARGS)]
     cfg = tiny_mask_rcnn_cfg(data, args.work_dir, max_epochs=args.max_epochs, by_iter=args.by_iter,
                              vis_backends=[backend], custom_hooks=hooks, draw=args.draw)
+    cfg.resume = args.resume
+    if args.resume:
+        # mmengine 0.10 loads its checkpoints (numpy arrays, its HistoryBuffer) with torch.load's default,
+        # which is weights_only=True since torch 2.6 and refuses them; this run's own checkpoint is trusted
+        os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     if args.logger == "sidecar":
         cfg.custom_imports = dict(imports=["trainer_hook.mmdet3"], allow_failed_imports=False)
         import_modules_from_strings(**cfg.custom_imports)  # what Config.fromfile does for a config file
