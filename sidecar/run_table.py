@@ -121,7 +121,7 @@ class RunState:
 class RunTable:
     """Every run the sidecar knows, and the admission decision for each sequenced message."""
 
-    def __init__(self, max_run_queue: int = 200_000) -> None:
+    def __init__(self, max_run_queue: int = 50_000) -> None:
         self.runs: dict[str, RunState] = {}
         self.max_run_queue = max_run_queue
 

@@ -58,7 +58,7 @@ class SidecarServer:
         journal_dir: str,
         allow_roots: list[str],
         heartbeat_timeout: float = 60.0,
-        max_run_queue: int = 200_000,
+        max_run_queue: int = 50_000,
         fsync: bool = True,
         socket_setup: Any = None,
         replay_backoff: float = 10.0,
