@@ -67,25 +67,20 @@ ALLOWED_SETTINGS: dict[str, Callable[[Any], bool]] = {
 }
 
 
+def _check(values: dict[str, Any], allowed: dict[str, Callable[[Any], bool]], prefix: str) -> None:
+    for key, value in values.items():
+        ok = allowed.get(key)
+        if ok is None:
+            raise InitRefused(f"{prefix}{str(key)[:64]} may not be set by a trainer "
+                              f"(allowed: {', '.join(sorted(allowed))})")
+        if not ok(value):
+            raise InitRefused(f"{prefix}{key}: bad value {str(value)[:64]!r}")
+
+
 def check_init_kwargs(init_kwargs: dict[str, Any]) -> None:
     """Raise :class:`InitRefused` naming the first argument (or setting) a peer may not give."""
-    for key, value in init_kwargs.items():
-        if key == "settings":
-            if value is None:
-                continue
-            if not isinstance(value, dict):
-                raise InitRefused("init_kwargs.settings must be a map of allowed settings")
-            for name, setting in value.items():
-                ok = ALLOWED_SETTINGS.get(name)
-                if ok is None:
-                    raise InitRefused(f"init_kwargs.settings.{str(name)[:64]} may not be set by a trainer "
-                                      f"(allowed: {', '.join(sorted(ALLOWED_SETTINGS))})")
-                if not ok(setting):
-                    raise InitRefused(f"init_kwargs.settings.{name}: bad value {str(setting)[:64]!r}")
-            continue
-        ok = ALLOWED_INIT.get(key)
-        if ok is None:
-            raise InitRefused(f"init_kwargs.{str(key)[:64]} may not be set by a trainer "
-                              f"(allowed: {', '.join(sorted(ALLOWED_INIT))}, settings)")
-        if not ok(value):
-            raise InitRefused(f"init_kwargs.{key}: bad value {str(value)[:64]!r}")
+    settings = init_kwargs.get("settings")
+    if settings is not None and not isinstance(settings, dict):
+        raise InitRefused("init_kwargs.settings must be a map of allowed settings")
+    _check({k: v for k, v in init_kwargs.items() if k != "settings"}, ALLOWED_INIT, "init_kwargs.")
+    _check(settings or {}, ALLOWED_SETTINGS, "init_kwargs.settings.")
