@@ -54,14 +54,26 @@ class RunRecords:
         return [a for a in self.artifacts if a.name.startswith(prefix)]
 
 
-def _wandb_cli() -> str:
-    exe = Path(sys.executable).with_name("wandb")
-    return str(exe) if exe.exists() else shutil.which("wandb") or "wandb"
+def _inspect_command(run_file: Path) -> list[str]:
+    """``wandb leet inspect --json`` of one run file. ``wandb leet`` is a thin Python wrapper that starts
+    wandb-core with these arguments; calling wandb-core directly spares a Python start and ``import wandb``
+    (~1.5 s of CPU against ~20 ms), which matters when many runs finish at once. The wrapper is the fallback."""
+    try:
+        from wandb.util import get_core_path
+
+        return [get_core_path(), "leet", "inspect", "--no-observability", "--json", "--run-file", str(run_file),
+                str(run_file.parent.parent)]
+    except Exception:  # wandb-core not found this way (another wandb version): the CLI finds it
+        exe = Path(sys.executable).with_name("wandb")
+        cli = str(exe) if exe.exists() else shutil.which("wandb") or "wandb"
+        return [cli, "leet", "inspect", "--json", str(run_file)]
 
 
-def inspect(run_file: Path) -> list[dict[str, Any]]:
-    out = subprocess.run([_wandb_cli(), "leet", "inspect", "--json", str(run_file)], check=True,
-                         capture_output=True, text=True, env={**os.environ, "WANDB_SILENT": "true"})
+def inspect(run_file: Path, timeout: float | None = None) -> list[dict[str, Any]]:
+    """Every record of a run's ``.wandb`` file, as wandb's own reader prints them (one JSON object a line).
+    Raises ``subprocess.SubprocessError`` (the command failed or timed out) or ``ValueError`` (bad JSON)."""
+    out = subprocess.run(_inspect_command(Path(run_file)), check=True, capture_output=True, text=True,
+                         env={**os.environ, "WANDB_SILENT": "true"}, timeout=timeout)
     return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
 
 

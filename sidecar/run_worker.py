@@ -57,6 +57,15 @@ class RunWorker(threading.Thread):
         self.ended = False  # the thread is done; offer() refuses
         self._start_msg: Message | None = None
         self._last_mark = 0.0
+        #: What each kind does in wandb (run start and finish are the worker's own steps, see _apply).
+        self._apply_kind: dict[Kind, Callable[[Message], None]] = {
+            Kind.METRICS: self.sink.metrics,
+            Kind.CHECKPOINT: self.sink.checkpoint,
+            Kind.VAL_DATA: self.sink.val_data,
+            Kind.PRED_BATCH: self.sink.pred_batch,
+            Kind.IMAGE: self.sink.image,
+            Kind.CONFIG: self.sink.config,
+        }
 
     def submit(self, msg: Message) -> None:
         self.queue.put(msg)
@@ -114,7 +123,7 @@ class RunWorker(threading.Thread):
                     msg.kind not in _ARTIFACT_KINDS or attempts >= ARTIFACT_ATTEMPTS or self._stopping.is_set())
                 if give_up:
                     log.error("run %s: %s (skipped after %d attempt(s))", self.run_id, self.last_error, attempts)
-                    self.sink._count(f"failed_{msg.kind}")
+                    self.sink.count(f"failed_{msg.kind}")
                     return
                 self.state = "retrying"
                 if self._stopping.is_set():  # only a run start gets here while stopping
@@ -131,7 +140,7 @@ class RunWorker(threading.Thread):
         kind = msg.kind
         if kind is Kind.RUN_START:
             self._start_msg = msg
-        if self.sink.run is None:  # first message, or after a finish the trainer came back from
+        if not self.sink.running:  # first message, or after a finish the trainer came back from
             if self._start_msg is None:
                 raise RuntimeError("message before run start")
             self.sink.start(self._start_msg)
@@ -141,25 +150,14 @@ class RunWorker(threading.Thread):
         if kind is not Kind.RUN_FINISH and self._already_in_wandb(msg):
             if kind is Kind.VAL_DATA:
                 self.sink.val_data(msg, publish=False)  # prediction tables still need it in memory
-            self.sink._count("replay_skipped")
+            self.sink.count("replay_skipped")
             self.delivered = max(self.delivered, msg.seq)
             return
-        if kind is Kind.METRICS:
-            self.sink.metrics(msg)
-        elif kind is Kind.CHECKPOINT:
-            self.sink.checkpoint(msg)
-        elif kind is Kind.VAL_DATA:
-            self.sink.val_data(msg)
-        elif kind is Kind.PRED_BATCH:
-            self.sink.pred_batch(msg)
-        elif kind is Kind.IMAGE:
-            self.sink.image(msg)
-        elif kind is Kind.CONFIG:
-            self.sink.config(msg)
-        elif kind is Kind.RUN_FINISH:
+        if kind is Kind.RUN_FINISH:
             self.delivered = msg.seq
             self._finish(msg.body["exit_code"])
             return
+        self._apply_kind[kind](msg)
         self.delivered = msg.seq
 
     def _already_in_wandb(self, msg: Message) -> bool:
@@ -176,9 +174,9 @@ class RunWorker(threading.Thread):
     def _finish(self, exit_code: int | None) -> None:
         missing = ""
         try:
-            if self.sink.run is not None:
+            if self.sink.running:
                 if exit_code == LOST_EXIT_CODE:
-                    self.sink.run.summary["sidecar/trainer_lost"] = True
+                    self.sink.mark_trainer_lost()
                 missing = self.sink.finish(0 if exit_code is None else exit_code)
         except Exception as exc:
             self.last_error = f"finish: {type(exc).__name__}: {exc}"
