@@ -166,8 +166,8 @@ def decode_header(frame: bytes) -> Header:
         header = _header_decoder.decode(frame)
     except msgspec.MsgspecError as exc:
         raise _header_error(frame, exc) from None
-    except RecursionError:
-        raise MalformedFrame("header nested too deeply") from None
+    except (UnicodeDecodeError, RecursionError) as exc:  # msgspec raises these as they are
+        raise MalformedFrame(f"header is not valid msgpack ({type(exc).__name__})") from None
     if header.run_id not in _valid_run_ids:
         _remember(_valid_run_ids, header.run_id, RUN_ID_PATTERN, "run_id")
     if header.incarnation not in _valid_incarnations:
@@ -222,7 +222,7 @@ def _array_hook(blob: memoryview):  # type: ignore[no-untyped-def]
             raise MalformedFrame(f"unknown msgpack extension type {code}")
         try:
             ref = _any_decoder.decode(data)
-        except Exception:
+        except Exception:  # msgspec.DecodeError, UnicodeDecodeError, RecursionError
             raise MalformedFrame("bad array reference") from None
         if not (isinstance(ref, list) and len(ref) == 4):
             raise MalformedFrame("bad array reference")
@@ -281,8 +281,8 @@ def decode_body(header: Header, frames: Sequence[bytes]) -> Message:
         if _LENGTH_LIMIT.search(text):
             raise LimitExceeded(f"{header.kind}: {text}") from None
         raise InvalidField(f"{header.kind}: {text}") from None
-    except msgspec.DecodeError as exc:
-        raise MalformedFrame(f"body is not valid msgpack ({exc})") from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise MalformedFrame(f"body is not valid msgpack ({type(exc).__name__}: {exc})") from None
     except RecursionError:
         raise LimitExceeded("body nested too deeply") from None
     body.check()

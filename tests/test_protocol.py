@@ -222,3 +222,11 @@ def test_header_round_trip_and_trailing_newline_in_run_id_refused() -> None:
         decode_header(msgpack.packb([2, "metrics", "run\n", 1, 0.0, 1, "0123abcd"]))
     with pytest.raises(InvalidField):
         decode_header(msgpack.packb([2, "metrics", "run", 1, math.inf, 1, "0123abcd"]))
+
+
+def test_invalid_utf8_in_a_string_is_a_malformed_frame() -> None:
+    header = msgpack.packb([2, "metrics", "r", 1, 0.0, 1, "0123abcd"])
+    with pytest.raises(MalformedFrame):
+        decode([header.replace(b"\xa1r", b"\xa1\xff"), msgpack.packb({"data": {}})])
+    with pytest.raises(MalformedFrame):
+        decode([header, b"\x81\xa4data\x81\xa2\xc3\x28\x01"])  # a metric key that is not UTF-8
