@@ -14,12 +14,13 @@ from .kinds import NEVER_DROPPED, SEQUENCED, Kind
 from .limits import MAX_BATCH, MAX_FRAME_BYTES, PROTOCOL_VERSION
 from .schema import Body
 
-DEFAULT_ADDR = "tcp://127.0.0.1:5555"
+from .address import DEFAULT_ADDR, DEFAULT_SOCKET_DIR
 
 __all__ = [
     "Body",
     "Counters",
     "DEFAULT_ADDR",
+    "DEFAULT_SOCKET_DIR",
     "Header",
     "InvalidField",
     "Kind",

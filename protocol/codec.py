@@ -65,6 +65,9 @@ class Header(msgspec.Struct, array_like=True, frozen=True, gc=False, forbid_unkn
 class Message:
     header: Header
     body: Body | dict[str, Any]  # decoded: the kind's Body (reads like a dict); built by hand: a dict
+    #: Not on the wire: the receiver's position of this message in its run's journal (one counter per run
+    #: across incarnations), which orders delivery and compaction.
+    index: int = 0
 
     @property
     def kind(self) -> Kind:

@@ -1,10 +1,18 @@
-"""Who may talk to the sidecar. Loopback needs nothing; any other address needs CurveZMQ keys (encryption
-and client authentication by public key, pyzmq's ``zmq.auth``) unless the operator says ``--insecure``."""
+"""Who may talk to the sidecar: only those who may send may also read its status.
+
+- The default ``ipc://`` socket lives in a directory of mode 0700 owned by the sidecar's user: only that
+  user (and root) can connect. The sidecar creates that directory, and refuses a socket directory another
+  user owns or others can enter (someone could have prepared it to listen in).
+- TCP, loopback included (every local user can reach 127.0.0.1), needs CurveZMQ keys (encryption and
+  client authentication by public key, pyzmq's ``zmq.auth``) unless the operator says ``--insecure``.
+"""
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +24,30 @@ log = logging.getLogger("sidecar.auth")
 
 
 class InsecureBindRefused(RuntimeError):
-    """A non-loopback bind without keys and without ``--insecure``."""
+    """A bind other users could reach, without keys and without ``--insecure``."""
+
+
+def ipc_dir_problem(addr: str, create: bool = True) -> str:
+    """'' when the directory of an ``ipc://`` address is private to this user (made 0700 if missing), else
+    what is wrong with it."""
+    directory = Path(addr.partition("://")[2]).parent
+    if create:
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            return f"cannot create the socket directory {directory}: {exc}"
+    try:
+        info = os.lstat(directory)
+    except OSError as exc:
+        return f"cannot use the socket directory {directory}: {exc}"
+    if not stat.S_ISDIR(info.st_mode):
+        return f"{directory} is not a directory"
+    if info.st_uid != os.getuid():
+        return f"the socket directory {directory} belongs to uid {info.st_uid}, not to this user ({os.getuid()})"
+    if info.st_mode & 0o077:
+        return (f"the socket directory {directory} is open to other users (mode {stat.S_IMODE(info.st_mode):o}); "
+                "it must be 0700")
+    return ""
 
 
 def is_local(addr: str) -> bool:
@@ -65,18 +96,26 @@ class CurveServer:
 
 def socket_security(bind: str, secret_key_file: str | None, authorized_keys_dir: str | None,
                     insecure: bool) -> CurveServer | None:
-    """Decide how the sidecar's socket is protected; refuse an open non-loopback bind."""
+    """Decide how the sidecar's socket is protected; refuse a bind other users could reach unprotected."""
+    scheme = bind.partition("://")[0]
+    if scheme == "ipc":
+        problem = ipc_dir_problem(bind)
+        if problem and not insecure:
+            raise InsecureBindRefused(f"refusing to bind {bind}: {problem}. Other users could reach or watch this "
+                                      "socket; remove or fix that directory, bind elsewhere, or pass --insecure.")
     if secret_key_file or authorized_keys_dir:
         if not (secret_key_file and authorized_keys_dir):
             raise InsecureBindRefused("CurveZMQ needs both --curve-secret-key and --curve-authorized-keys")
         return CurveServer(secret_key_file, authorized_keys_dir)
-    if is_local(bind):
+    if scheme in ("ipc", "inproc") and not insecure:
         return None
     if not insecure:
+        where = "every local user can reach it" if is_local(bind) else "anyone who reaches it"
         raise InsecureBindRefused(
-            f"refusing to bind {bind} without authentication: anyone who reaches it could make this sidecar "
-            "upload files with your wandb key. Give --curve-secret-key and --curve-authorized-keys (make them "
-            "with `wandb-sidecar keys`), or pass --insecure on a network you trust.")
+            f"refusing to bind {bind} without authentication: {where}, and could make this sidecar upload "
+            "files with your wandb key. Use the default owner-only ipc:// socket, give --curve-secret-key and "
+            "--curve-authorized-keys (make them with `wandb-sidecar keys`), or pass --insecure on a network "
+            "you trust.")
     log.warning("!!! INSECURE: %s is open to anyone who can reach it, without authentication or encryption "
                 "(--insecure). Any peer can log to your wandb runs and have allowed files uploaded. !!!", bind)
     return None

@@ -63,11 +63,18 @@ def main() -> None:
 @click.option("--replay-backoff", default=10.0, show_default=True, type=float,
               help="Seconds before a run whose wandb files came out incomplete (full WANDB_DIR) is replayed "
                    "from the journal; doubles each time, up to 600.")
+@click.option("--retention", default=7 * 24 * 3600.0, show_default=True, type=float, envvar="WANDB_SIDECAR_RETENTION",
+              help="Seconds a finished run stays in status, the metrics and the journal's records (to "
+                   "acknowledge late resends and resume it) before it is forgotten.")
+@click.option("--max-runs", default=1000, show_default=True, type=click.IntRange(min=1),
+              envvar="WANDB_SIDECAR_MAX_RUNS", help="Live runs served at once; a new run beyond it is refused.")
 @click.option("--curve-secret-key", type=click.Path(dir_okay=False, exists=True), envvar="WANDB_SIDECAR_CURVE_SECRET",
               help="The server's secret key file (from `wandb-sidecar keys`): turns on CurveZMQ.")
 @click.option("--curve-authorized-keys", type=click.Path(file_okay=False, exists=True),
               envvar="WANDB_SIDECAR_CURVE_AUTHORIZED", help="Directory of the client public keys (*.key) allowed in.")
-@click.option("--insecure", is_flag=True, help="Allow a non-loopback bind without keys (logged loudly).")
+@click.option("--insecure", is_flag=True,
+              help="Allow a TCP bind without keys, or an ipc:// socket in a directory other users can enter "
+                   "(logged loudly).")
 @click.option("--log-level", default="INFO", show_default=True, envvar="WANDB_SIDECAR_LOG_LEVEL")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
               envvar="WANDB_SIDECAR_LOG_FORMAT", help="json: one JSON object per line on stderr, for log collectors.")
@@ -76,7 +83,7 @@ def main() -> None:
 @click.option("--metrics-host", default="127.0.0.1", show_default=True, envvar="WANDB_SIDECAR_METRICS_HOST",
               help="Address the metrics endpoint listens on (0.0.0.0 inside a container).")
 def serve(bind: str, journal_dir: str, allow_roots: tuple[str, ...], heartbeat_timeout: float,
-          no_fsync: bool, replay_backoff: float, curve_secret_key: str | None, curve_authorized_keys: str | None, insecure: bool,
+          no_fsync: bool, replay_backoff: float, retention: float, max_runs: int, curve_secret_key: str | None, curve_authorized_keys: str | None, insecure: bool,
           log_level: str, log_format: str, metrics_port: int | None, metrics_host: str) -> None:
     """Receive from trainers and do all wandb work. SIGTERM drains, finishes every run, exits 0."""
     _setup_logging(log_level, log_format)
@@ -94,7 +101,7 @@ def serve(bind: str, journal_dir: str, allow_roots: tuple[str, ...], heartbeat_t
 
     server = SidecarServer(bind, journal_dir, list(allow_roots) or [os.getcwd()],
                            heartbeat_timeout=heartbeat_timeout, fsync=not no_fsync, socket_setup=security,
-                           replay_backoff=replay_backoff)
+                           replay_backoff=replay_backoff, retention=retention, max_runs=max_runs)
 
     def on_signal(signum: int, _frame: object) -> None:
         if server._stop.is_set():

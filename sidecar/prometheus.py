@@ -24,10 +24,11 @@ from typing import Any, Callable, Iterator
 from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from .run_table import RUN_STATES
+
 log = logging.getLogger("sidecar.metrics")
 
 PREFIX = "wandb_sidecar"
-RUN_STATES = ("active", "finished", "lost", "paused")
 _COUNTER_HELP = {
     "received": "Messages received on the socket (trainer data, heartbeats, status requests, rejected ones).",
     "received_multiparts": "ZeroMQ multipart messages received (each carries one or more messages).",

@@ -1,7 +1,10 @@
-"""One thread per trainer run: takes journaled messages in sequence order and applies them to wandb.
+"""One thread per trainer run: takes journaled messages in journal order and applies them to wandb.
 
 wandb work is slow and sometimes fails; none of that reaches the receiver or the trainer. ``wandb.init``
-failures are retried with exponential backoff while the messages wait (they are in the journal).
+failures are retried with exponential backoff while the messages wait (they are in the journal), except
+the permanent ones (``TypeError``/``ValueError``: arguments wandb will never take), which end the run's
+worker as ``failed`` (shown in status; the receiver reports it to the trainer). Delivery is tracked by journal
+index (:mod:`sidecar.run_table`), one counter across the run's trainer incarnations.
 """
 
 from __future__ import annotations
@@ -11,11 +14,12 @@ import queue
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from protocol import Kind, Message
 
-from .wandb_sink import FileGuard, WandbSink
+from .paths import FileGuard
+from .wandb_sink import WandbSink
 
 log = logging.getLogger("sidecar.worker")
 
@@ -33,29 +37,32 @@ class RunWorker(threading.Thread):
         run_id: str,
         file_guard: FileGuard,
         on_delivered: Callable[[str, int], None],
-        on_finished: Callable[[str, int], None],
+        on_finished: Callable[[str, int, int], None],
         on_incomplete: Callable[[str], None],
         delivered: int = 0,
         retry_max: float = 60.0,
         state_dir: Path | None = None,
+        start: Message | None = None,
+        replay: Callable[[], Iterable[Message]] | None = None,
     ) -> None:
         super().__init__(name=f"run-{run_id}", daemon=True)
         self.run_id = run_id
         self.sink = WandbSink(run_id, file_guard, state_dir)
         self.queue: queue.SimpleQueue[object] = queue.SimpleQueue()  # C-implemented: cheap for the receiver
-        self.delivered = delivered
+        self.delivered = delivered  # highest journal index applied to wandb
         self.on_delivered = on_delivered
         self.on_finished = on_finished
         self.on_incomplete = on_incomplete
         self.retry_max = retry_max
         self.last_error = ""
-        self.state = "starting"
+        self.state = "starting"  # starting | running | retrying | failed | incomplete | finished | paused
         self.finished_with: int | None = None
         self._stopping = threading.Event()
         self._end_lock = threading.Lock()
         self.run_ended = False  # the wandb run was just finished (by the trainer, as lost, or at SIGTERM)
         self.ended = False  # the thread is done; offer() refuses
-        self._start_msg: Message | None = None
+        self._start_msg: Message | None = start  # the run start wandb.init uses (a resume after a restart)
+        self._replay = replay  # journaled messages to apply before the queue (recovery, incomplete runs)
         self._last_mark = 0.0
         #: What each kind does in wandb (run start and finish are the worker's own steps, see _apply).
         self._apply_kind: dict[Kind, Callable[[Message], None]] = {
@@ -90,6 +97,12 @@ class RunWorker(threading.Thread):
     # ------------------------------------------------------------------------------------ loop
 
     def run(self) -> None:
+        if self._replay is not None:
+            for msg in self._replay():  # drained at SIGTERM too, as the queue is: it was queued first
+                self._apply_with_retry(msg)
+                if time.monotonic() - self._last_mark > 0.5:
+                    self._mark_delivered()
+            self._replay = None
         while True:
             item = self.queue.get()
             if isinstance(item, tuple) and item[0] is _STOP:
@@ -119,6 +132,11 @@ class RunWorker(threading.Thread):
             except Exception as exc:  # wandb raises anything; a failed message must not kill the run
                 attempts += 1
                 self.last_error = f"{msg.kind} seq {msg.seq}: {type(exc).__name__}: {exc}"
+                if msg.kind is Kind.RUN_START and isinstance(exc.__cause__ or exc, (TypeError, ValueError)):
+                    self.state = "failed"  # wandb will never take these arguments: retrying cannot help
+                    log.error("run %s: %s; permanent, not retried (the trainer is told)", self.run_id,
+                              self.last_error)
+                    return
                 give_up = msg.kind is not Kind.RUN_START and (
                     msg.kind not in _ARTIFACT_KINDS or attempts >= ARTIFACT_ATTEMPTS or self._stopping.is_set())
                 if give_up:
@@ -138,6 +156,10 @@ class RunWorker(threading.Thread):
 
     def _apply(self, msg: Message) -> None:
         kind = msg.kind
+        if self.state == "failed":
+            self.sink.count("skipped_init_failed")
+            self.delivered = max(self.delivered, msg.index)
+            return
         if kind is Kind.RUN_START:
             self._start_msg = msg
         if not self.sink.running:  # first message, or after a finish the trainer came back from
@@ -151,19 +173,19 @@ class RunWorker(threading.Thread):
             if kind is Kind.VAL_DATA:
                 self.sink.val_data(msg, publish=False)  # prediction tables still need it in memory
             self.sink.count("replay_skipped")
-            self.delivered = max(self.delivered, msg.seq)
+            self.delivered = max(self.delivered, msg.index)
             return
         if kind is Kind.RUN_FINISH:
-            self.delivered = msg.seq
+            self.delivered = msg.index
             self._finish(msg.body["exit_code"])
             return
         self._apply_kind[kind](msg)
-        self.delivered = msg.seq
+        self.delivered = msg.index
 
     def _already_in_wandb(self, msg: Message) -> bool:
         """After a restart: wandb's own files decide where they can, the delivered mark elsewhere."""
         known = self.sink.already_logged(msg)
-        return msg.seq <= self.delivered if known is None else known
+        return msg.index <= self.delivered if known is None else known
 
     def _mark_delivered(self) -> None:
         held = self.sink.undelivered_from()
@@ -192,4 +214,4 @@ class RunWorker(threading.Thread):
             return
         self.state = "finished" if exit_code is not None else "paused"
         if exit_code is not None:
-            self.on_finished(self.run_id, exit_code)
+            self.on_finished(self.run_id, exit_code, self.delivered)

@@ -27,16 +27,16 @@ class StepRows:
     def __init__(self) -> None:
         self.step: int | None = None  # the open row's step
         self.row: dict[str, Any] = {}
-        self.first_seq = 0  # sequence number of the open row's first message (0: none open)
+        self.first_index = 0  # journal index of the open row's first message (0: none open)
         self.last_step_logged = -1  # highest explicit step handed out as a committed row
 
-    def add(self, data: dict[str, Any], step: int | None, commit: bool, seq: int) -> list[Row]:
+    def add(self, data: dict[str, Any], step: int | None, commit: bool, index: int) -> list[Row]:
         """Take one message's values; return the rows to log now, in order."""
         if step is None or commit is False:
             return [*self.flush(), Row(dict(data), step, commit)]
         if self.step is None or step > self.step:
             out = self.flush()
-            self.step, self.first_seq, self.row = step, seq, dict(data)
+            self.step, self.first_index, self.row = step, index, dict(data)
             return out
         if step == self.step:
             self.row.update(data)
@@ -56,9 +56,9 @@ class StepRows:
             out.append(Row(self.row, self.step))
             self.last_step_logged = max(self.last_step_logged, self.step)
         self.row = {}
-        self.first_seq = 0
+        self.first_index = 0
         return out
 
     def undelivered_from(self) -> int:
-        """First sequence number only held in the open row (0 when none)."""
-        return self.first_seq
+        """First journal index only held in the open row (0 when none)."""
+        return self.first_index

@@ -18,6 +18,7 @@ from protocol import Counters, Kind, Message
 from protocol.limits import SPOOL_DIR_NAME
 
 from .media import MediaBuilder
+from .paths import FileGuard
 from .step_rows import Row, StepRows
 from .wandb_files import Persisted, persisted, wandb_root
 
@@ -31,7 +32,7 @@ class SinkError(RuntimeError):
 
 
 class WandbSink:
-    def __init__(self, run_id: str, file_guard: "FileGuard", state_dir: Path | None = None) -> None:
+    def __init__(self, run_id: str, file_guard: FileGuard, state_dir: Path | None = None) -> None:
         self.run_id = run_id
         self.guard = file_guard
         self.state_dir = state_dir
@@ -67,6 +68,9 @@ class WandbSink:
         body = msg.body
         init = dict(body["init_kwargs"])
         init["id"] = self.run_id
+        if init.get("mode") == "online" and os.environ.get("WANDB_MODE") in ("offline", "dryrun"):
+            init["mode"] = "offline"  # the operator's offline sidecar stays offline whatever a trainer asks
+            self.count("mode_kept_offline")
         settings = init.pop("settings", None)
         settings = wandb.Settings(**settings) if isinstance(settings, dict) else wandb.Settings()
         settings.console = "off"
@@ -183,7 +187,7 @@ class WandbSink:
 
     def metrics(self, msg: Message) -> None:
         body = msg.body
-        self._log_rows(self.rows.add(body["data"], body.get("step"), body.get("commit", True), msg.seq))
+        self._log_rows(self.rows.add(body["data"], body.get("step"), body.get("commit", True), msg.index))
 
     def image(self, msg: Message) -> None:
         """An image joins its step's row like metrics (``wandb.Image`` encodes it when the row is logged)."""
@@ -196,7 +200,7 @@ class WandbSink:
         held = self.rows.held(name, step, commit)
         if isinstance(held, (wandb.Image, list)):  # several images of one name in one step: keep them all
             value = [*(held if isinstance(held, list) else [held]), value]
-        self._log_rows(self.rows.add({name: value}, step, commit, msg.seq))
+        self._log_rows(self.rows.add({name: value}, step, commit, msg.index))
         self.count("images")
 
     def _log_rows(self, rows: list[Row]) -> None:
@@ -215,7 +219,7 @@ class WandbSink:
         self._log_rows(self.rows.flush())
 
     def undelivered_from(self) -> int:
-        """First sequence number only held in the open row (0 when none)."""
+        """First journal index only held in the open row (0 when none)."""
         return self.rows.undelivered_from()
 
     # ------------------------------------------------------------------------------- artifacts
@@ -259,19 +263,3 @@ class WandbSink:
     def pred_batch(self, msg: Message) -> None:
         assert self.media is not None
         self.media.pred_table(msg.body)
-
-
-class FileGuard:
-    """Resolve a path (symlinks, ``..``) and allow it only under the configured roots."""
-
-    def __init__(self, roots: list[str | os.PathLike[str]]) -> None:
-        self.roots = [Path(r).resolve() for r in roots]
-
-    def check(self, path: str) -> Path | None:
-        try:
-            resolved = Path(path).resolve(strict=False)
-        except (OSError, RuntimeError, ValueError):
-            return None
-        if any(resolved == r or resolved.is_relative_to(r) for r in self.roots):
-            return resolved
-        return None

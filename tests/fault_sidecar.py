@@ -26,6 +26,14 @@ def _failing(real, env: str, what: str):  # type: ignore[no-untyped-def]
 
 
 wandb.init = _failing(wandb.init, "FAULT_INIT_FAILURES", "wandb server unreachable")
+if os.environ.get("FAULT_INIT_TYPEERROR"):  # arguments this wandb will never take (a permanent failure)
+
+    def _init_type_error(*args, **kwargs):  # type: ignore[no-untyped-def]
+        with open(os.environ["FAULT_INIT_CALLS_FILE"], "a") as f:
+            f.write("init\n")
+        raise TypeError("init() got an unexpected keyword argument (injected)")
+
+    wandb.init = _init_type_error
 wandb.Run.log_artifact = _failing(wandb.Run.log_artifact, "FAULT_ARTIFACT_FAILURES", "upload failed")
 
 if __name__ == "__main__":

@@ -58,8 +58,10 @@ class SidecarProcess:
 
     def start(self, wait: bool = True) -> "SidecarProcess":
         self.wandb_dir.mkdir(parents=True, exist_ok=True)
+        # TCP needs keys or --insecure: tests on loopback say so explicitly unless they bring keys
+        insecure = [] if "--curve-secret-key" in self.args or "--insecure" in self.args else ["--insecure"]
         cmd = [sys.executable, "-m", self.module, "serve", "--bind", self.bind, "--journal-dir", str(self.journal),
-               *[a for r in self.allow_roots for a in ("--allow-root", str(r))], *self.args]
+               *[a for r in self.allow_roots for a in ("--allow-root", str(r))], *insecure, *self.args]
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
         _started.append(self)
