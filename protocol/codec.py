@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Annotated, Any, Iterator, Literal, Sequence
 
 import msgspec
@@ -61,8 +60,10 @@ class Header(msgspec.Struct, array_like=True, frozen=True, gc=False, forbid_unkn
     incarnation: Annotated[str, Meta(max_length=32)]
 
 
-@dataclass(slots=True)
-class Message:
+class Message(msgspec.Struct, gc=False):
+    """A decoded message. Not tracked by the garbage collector (nor are its header and body): a run's
+    queue may hold 200,000 of them, and a full collection would walk them all."""
+
     header: Header
     body: Body | dict[str, Any]  # decoded: the kind's Body (reads like a dict); built by hand: a dict
     #: Not on the wire: the receiver's position of this message in its run's journal (one counter per run

@@ -49,8 +49,9 @@ RLE = dict[Str, Any]  # COCO: {"size": [h, w], "counts": bytes | str}; bounded b
 ImageRLEs = Annotated[list[RLE | None], Meta(max_length=MAX_CONTAINER_LEN)] | None
 
 
-class Body(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    """Base of every body: read access like the dict it was sent as; absent optional fields are UNSET."""
+class Body(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, gc=False):
+    """Base of every body: read access like the dict it was sent as; absent optional fields are UNSET.
+    Not tracked by the garbage collector: a body holds values, never a reference back to itself."""
 
     def __getitem__(self, name: str) -> Any:
         value = getattr(self, name, UNSET) if name in self.__struct_fields__ else UNSET

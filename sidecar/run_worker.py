@@ -44,6 +44,7 @@ class RunWorker(threading.Thread):
         state_dir: Path | None = None,
         start: Message | None = None,
         replay: Callable[[], Iterable[Message]] | None = None,
+        delivery_gate: threading.Event | None = None,
     ) -> None:
         super().__init__(name=f"run-{run_id}", daemon=True)
         self.run_id = run_id
@@ -64,6 +65,7 @@ class RunWorker(threading.Thread):
         self._start_msg: Message | None = start  # the run start wandb.init uses (a resume after a restart)
         self._replay = replay  # journaled messages to apply before the queue (recovery, incomplete runs)
         self._last_mark = 0.0
+        self._gate = delivery_gate  # set while delivery may run (the receiver clears it while it is busy)
         #: What each kind does in wandb (run start and finish are the worker's own steps, see _apply).
         self._apply_kind: dict[Kind, Callable[[Message], None]] = {
             Kind.METRICS: self.sink.metrics,
@@ -109,6 +111,8 @@ class RunWorker(threading.Thread):
                 self._finish(item[1])
             else:
                 assert isinstance(item, Message)
+                if self._gate is not None and not self._gate.is_set():
+                    self._gate.wait(1.0)  # ingest first (SidecarServer.delivery_gate); bounded, never stuck
                 self._apply_with_retry(item)
             if self.run_ended:
                 with self._end_lock:  # the server offers nothing new while we decide
