@@ -24,6 +24,9 @@ from .wandb_sink import WandbSink
 log = logging.getLogger("sidecar.worker")
 
 _STOP = object()
+#: Seconds between delivery marks (status ``delivered``, the journal's delivered watermark): often enough
+#: that the lag shown is the real one, rarely enough that a run keeping up does not write a file per message.
+MARK_EVERY = 0.1
 #: Exit code given to a run whose trainer stopped sending heartbeats.
 LOST_EXIT_CODE = 255
 #: Tries of a checkpoint or table upload before it is skipped (and counted as ``failed_<kind>``).
@@ -65,6 +68,7 @@ class RunWorker(threading.Thread):
         self._start_msg: Message | None = start  # the run start wandb.init uses (a resume after a restart)
         self._replay = replay  # journaled messages to apply before the queue (recovery, incomplete runs)
         self._last_mark = 0.0
+        self._mark_due = False  # delivered more than the last mark says
         self._gate = delivery_gate  # set while delivery may run (the receiver clears it while it is busy)
         #: What each kind does in wandb (run start and finish are the worker's own steps, see _apply).
         self._apply_kind: dict[Kind, Callable[[Message], None]] = {
@@ -102,11 +106,15 @@ class RunWorker(threading.Thread):
         if self._replay is not None:
             for msg in self._replay():  # drained at SIGTERM too, as the queue is: it was queued first
                 self._apply_with_retry(msg)
-                if time.monotonic() - self._last_mark > 0.5:
+                if time.monotonic() - self._last_mark > MARK_EVERY:
                     self._mark_delivered()
             self._replay = None
         while True:
-            item = self.queue.get()
+            try:  # a delivery mark still to write: wait at most until it is due
+                item = self.queue.get(timeout=MARK_EVERY if self._mark_due else None)
+            except queue.Empty:
+                self._mark_delivered()
+                continue
             if isinstance(item, tuple) and item[0] is _STOP:
                 self._finish(item[1])
             else:
@@ -120,7 +128,8 @@ class RunWorker(threading.Thread):
                         self.ended = True
                         return
                 self.run_ended = False  # the trainer came back while its run was finishing: resume it
-            if self.queue.empty() or time.monotonic() - self._last_mark > 0.5:
+            self._mark_due = True
+            if time.monotonic() - self._last_mark > MARK_EVERY:
                 self._mark_delivered()
 
     def _apply_with_retry(self, msg: Message) -> None:
@@ -192,6 +201,7 @@ class RunWorker(threading.Thread):
         return msg.index <= self.delivered if known is None else known
 
     def _mark_delivered(self) -> None:
+        self._mark_due = False
         held = self.sink.undelivered_from()
         seq = held - 1 if held else self.delivered
         self._last_mark = time.monotonic()
