@@ -21,5 +21,5 @@ ENV WANDB_DIR=/var/lib/wandb-sidecar/wandb \
 EXPOSE 5555
 # `status` exits non-zero when the sidecar does not answer on its socket.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
-    CMD ["wandb-sidecar", "status", "--timeout", "3"]
+    CMD ["wandb-sidecar", "status", "--connect", "tcp://127.0.0.1:5555", "--timeout", "3"]
 CMD ["wandb-sidecar", "serve"]

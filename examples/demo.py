@@ -1,7 +1,7 @@
 """The main job on the embedded default: a sidecar (wandb offline) and a tiny real MMDetection training
 streaming to it, then a summary of what the wandb run holds.
 
-    .venv/bin/python -m examples.demo [--out demo-out] [--addr tcp://127.0.0.1:5555]
+    .venv/bin/python -m examples.demo [--out demo-out] [--addr ADDR]   (default: the owner-only ipc:// socket)
 """
 
 from __future__ import annotations
@@ -15,13 +15,15 @@ import sys
 import time
 from pathlib import Path
 
+from protocol import DEFAULT_ADDR
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo-out")
-    p.add_argument("--addr", default=os.environ.get("WANDB_SIDECAR_ADDR", "tcp://127.0.0.1:5555"))
+    p.add_argument("--addr", default=os.environ.get("WANDB_SIDECAR_ADDR", DEFAULT_ADDR))
     p.add_argument("--epochs", type=int, default=2)
     a = p.parse_args()
 

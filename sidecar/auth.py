@@ -9,9 +9,11 @@
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import logging
 import os
+import pwd
 import stat
 from pathlib import Path
 from typing import Any
@@ -121,9 +123,34 @@ def socket_security(bind: str, secret_key_file: str | None, authorized_keys_dir:
     return None
 
 
-def make_keys(directory: str, name: str) -> tuple[str, str]:
-    """Write ``name.key`` (public, give it out) and ``name.key_secret`` (keep it) into ``directory``."""
+def make_keys(directory: str, name: str, owner: str | None = None) -> tuple[str, str]:
+    """Write ``name.key`` (public, give it out) and ``name.key_secret`` (keep it: 0600) into ``directory``.
+
+    ``owner`` ("USER[:GROUP]", names or numbers) gives both files to whoever must read the secret key:
+    keys made by root for the sidecar's container (uid 1000) are otherwise unreadable there. Changing the
+    owner to another user needs root; a failure removes the half-made pair and raises PermissionError."""
+    uid, gid = _owner_ids(owner) if owner else (-1, -1)
     Path(directory).mkdir(parents=True, exist_ok=True)
     public, secret = zmq.auth.create_certificates(directory, name)
     Path(secret).chmod(0o600)
+    if owner:
+        try:
+            for path in (public, secret):
+                os.chown(path, uid, gid)
+        except PermissionError as exc:
+            for path in (public, secret):
+                Path(path).unlink(missing_ok=True)
+            raise PermissionError(f"cannot give {name}'s keys to {owner} ({exc.strerror}): only root can; run "
+                                  "`wandb-sidecar keys` as root (in the image: `docker compose run --user 0 ...`)") from exc
     return public, secret
+
+
+def _owner_ids(owner: str) -> tuple[int, int]:
+    """"USER[:GROUP]", names or numbers, to (uid, gid); gid -1 (left as it is) when GROUP is left out."""
+    user, _, group = owner.partition(":")
+    try:
+        uid = int(user) if user.isdigit() else pwd.getpwnam(user).pw_uid
+        gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid if group else -1
+    except KeyError:
+        raise ValueError(f"no such user or group here: {owner!r} (give numbers for those of another machine)") from None
+    return uid, gid

@@ -36,6 +36,19 @@ def _choose_wandb_mode() -> str:
     return os.environ.get("WANDB_MODE", "online")
 
 
+def _already_served(bind: str) -> bool:
+    """Is another sidecar answering at this ipc:// path? (ZeroMQ would silently replace its socket file.)"""
+    if not bind.startswith("ipc://") or not os.path.exists(bind[len("ipc://"):]):
+        return False
+    from .status_view import Unreachable, fetch_status
+
+    try:
+        fetch_status(bind, 1.0)
+        return True
+    except Unreachable:
+        return False
+
+
 def _setup_logging(level: str, fmt: str = "text") -> None:
     from .logs import setup_logging
 
@@ -66,6 +79,9 @@ def main() -> None:
 @click.option("--retention", default=7 * 24 * 3600.0, show_default=True, type=float, envvar="WANDB_SIDECAR_RETENTION",
               help="Seconds a finished run stays in status, the metrics and the journal's records (to "
                    "acknowledge late resends and resume it) before it is forgotten.")
+@click.option("--journal-trim-bytes", default=4 * 1024 * 1024, show_default=True, type=click.IntRange(min=1),
+              envvar="WANDB_SIDECAR_JOURNAL_TRIM_BYTES",
+              help="An open run's journal is compacted, up to what wandb provably holds, once it is this large.")
 @click.option("--max-runs", default=1000, show_default=True, type=click.IntRange(min=1),
               envvar="WANDB_SIDECAR_MAX_RUNS", help="Live runs served at once; a new run beyond it is refused.")
 @click.option("--curve-secret-key", type=click.Path(dir_okay=False, exists=True), envvar="WANDB_SIDECAR_CURVE_SECRET",
@@ -83,7 +99,8 @@ def main() -> None:
 @click.option("--metrics-host", default="127.0.0.1", show_default=True, envvar="WANDB_SIDECAR_METRICS_HOST",
               help="Address the metrics endpoint listens on (0.0.0.0 inside a container).")
 def serve(bind: str, journal_dir: str, allow_roots: tuple[str, ...], heartbeat_timeout: float,
-          no_fsync: bool, replay_backoff: float, retention: float, max_runs: int, curve_secret_key: str | None, curve_authorized_keys: str | None, insecure: bool,
+          no_fsync: bool, replay_backoff: float, retention: float, journal_trim_bytes: int, max_runs: int,
+          curve_secret_key: str | None, curve_authorized_keys: str | None, insecure: bool,
           log_level: str, log_format: str, metrics_port: int | None, metrics_host: str) -> None:
     """Receive from trainers and do all wandb work. SIGTERM drains, finishes every run, exits 0."""
     _setup_logging(log_level, log_format)
@@ -96,12 +113,17 @@ def serve(bind: str, journal_dir: str, allow_roots: tuple[str, ...], heartbeat_t
     except (InsecureBindRefused, ValueError) as exc:
         log.error("%s", exc)
         sys.exit(2)
+    if _already_served(bind):
+        log.error("a sidecar already serves %s; stop it first or bind elsewhere (binding again would take its "
+                  "socket away from it)", bind)
+        sys.exit(2)
     mode = _choose_wandb_mode()
     from .server import SidecarServer  # imports wandb: keep `status` fast
 
     server = SidecarServer(bind, journal_dir, list(allow_roots) or [os.getcwd()],
                            heartbeat_timeout=heartbeat_timeout, fsync=not no_fsync, socket_setup=security,
-                           replay_backoff=replay_backoff, retention=retention, max_runs=max_runs)
+                           replay_backoff=replay_backoff, retention=retention, max_runs=max_runs,
+                           trim_bytes=journal_trim_bytes)
 
     def on_signal(signum: int, _frame: object) -> None:
         if server._stop.is_set():
@@ -165,11 +187,16 @@ def status(connect: str, as_json: bool, timeout: float, watch: float | None, cou
 @main.command()
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--name", default="server", show_default=True, help="Key pair name, e.g. server or trainer-node1.")
-def keys(directory: str, name: str) -> None:
+@click.option("--owner", metavar="USER[:GROUP]",
+              help="Give the files to this user (needs root), e.g. `sidecar` for the image's keys, `$(id -u)` for yours.")
+def keys(directory: str, name: str, owner: str | None) -> None:
     """Make a CurveZMQ key pair: NAME.key (public, hand it out) and NAME.key_secret (keep it)."""
     from .auth import make_keys
 
-    public, secret = make_keys(directory, name)
+    try:
+        public, secret = make_keys(directory, name, owner)
+    except (ValueError, PermissionError) as exc:
+        raise click.ClickException(str(exc)) from exc
     click.echo(f"public key: {public}\nsecret key: {secret}")
 
 

@@ -164,9 +164,10 @@ class Journal:
 
     # ------------------------------------------------------------------------------------ compaction
 
-    def trim(self, run_id: str, upto: int) -> int:
+    def trim(self, run_id: str, upto: int, keep_last: bool = True) -> int:
         """Drop every record with an index up to ``upto`` (they are in wandb); later ones stay, in order.
-        Returns the bytes freed."""
+        With ``keep_last`` the last record always stays: it tells a restarted sidecar the run's incarnation,
+        sequence number and index. Returns the bytes freed."""
         with self._lock:
             path = self._path(run_id, "log")
             if not path.exists():
@@ -177,9 +178,15 @@ class Journal:
                 f.close()
             tmp = self._path(run_id, "log.tmp")
             with open(tmp, "wb") as out:
+                last: tuple[int, list[bytes]] | None = None
+                kept = False
                 for index, frames in _records(path):
                     if index > upto:
                         out.writelines(_record(index, frames))
+                        kept = True
+                    last = (index, frames)
+                if keep_last and not kept and last is not None:
+                    out.writelines(_record(*last))
                 out.flush()
                 os.fsync(out.fileno())
             if tmp.stat().st_size == 0:
@@ -192,10 +199,10 @@ class Journal:
     def compact(self, run_id: str, upto: int, done: dict[str, Any]) -> None:
         """The run finished and everything up to ``upto`` is in wandb: drop those records (a trainer that
         came back meanwhile keeps its newer ones) and keep a small ``done`` record."""
-        self.trim(run_id, upto)
-        tmp = self._path(run_id, "done.tmp")
+        tmp = self._path(run_id, "done.tmp")  # first: a crash between the two leaves a consistent pair
         tmp.write_bytes(msgpack.packb(done))
         os.replace(tmp, self._path(run_id, "done"))
+        self.trim(run_id, upto, keep_last=False)
         if not self._path(run_id, "log").exists():
             self._path(run_id, "delivered").unlink(missing_ok=True)
 

@@ -25,5 +25,5 @@ class FileGuard:
         """'' when ``path`` is allowed, else why not (for the trainer and the log)."""
         if isinstance(path, str) and self.check(path) is not None:
             return ""
-        return (f"{str(path)[:300]!r} is outside the allowed roots {[str(r) for r in self.roots]} (a trainer "
-                "must send paths as the sidecar sees them: the same absolute path on both sides)")
+        return (f"{str(path)[:300]!r} is outside the allowed roots {[str(r) for r in self.roots]} (the sidecar "
+                "opens the path the trainer sends: write under a root, by its absolute path)")

@@ -18,6 +18,7 @@ so the worker, the delivery mark and compaction need a single number.
 from __future__ import annotations
 
 import collections
+import logging
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -27,6 +28,8 @@ from protocol import Header, Message
 
 if TYPE_CHECKING:
     from .run_worker import RunWorker
+
+log = logging.getLogger("sidecar")
 
 #: Ended incarnations remembered per run (their late resends are re-acknowledged, not taken as new).
 MAX_ENDED_INCARNATIONS = 16
@@ -82,6 +85,8 @@ class RunState:
     def begin_incarnation(self, incarnation: str, first_seq: int) -> None:
         """A new incarnation takes the run over; its first message has ``first_seq``."""
         if self.incarnation and self.incarnation != incarnation:
+            log.info("run %s: incarnation %s takes over from %s (%s); resuming the same wandb run", self.run_id,
+                     incarnation, self.incarnation, self.state)
             self.ended[self.incarnation] = self.last_seq
             while len(self.ended) > MAX_ENDED_INCARNATIONS:
                 self.ended.popitem(last=False)
@@ -91,6 +96,7 @@ class RunState:
         self.index_base = self.last_index - self.last_seq
         self.heard = True
         self.refused = self.refused_detail = ""
+        self.state = "active"  # at once: another incarnation in the same batch must find it owned
 
     def index_of(self, seq: int) -> int:
         return self.index_base + seq

@@ -18,18 +18,23 @@ from typing import Callable, Iterable
 
 from protocol import Kind, Message
 
+from .journal_trim import JournalTrimmer, live_run_file
 from .paths import FileGuard
+from .wandb_log_tail import WandbLogTail
 from .wandb_sink import WandbSink
 
 log = logging.getLogger("sidecar.worker")
 
 _STOP = object()
+_IDLE_TICK = 1.0  # seconds an idle worker waits before looking at its journal again
 #: Seconds between delivery marks (status ``delivered``, the journal's delivered watermark): often enough
 #: that the lag shown is the real one, rarely enough that a run keeping up does not write a file per message.
 MARK_EVERY = 0.1
 #: Exit code given to a run whose trainer stopped sending heartbeats.
 LOST_EXIT_CODE = 255
-#: Tries of a checkpoint or table upload before it is skipped (and counted as ``failed_<kind>``).
+#: Tries of a checkpoint or table upload before it is skipped (and counted as ``failed_<kind>``). A retry
+#: never logs a second artifact version: the sink skips an upload wandb already took for that message, and
+#: what follows an upload (removing the spool link) logs its failure instead of raising.
 ARTIFACT_ATTEMPTS = 3
 _ARTIFACT_KINDS = frozenset({Kind.CHECKPOINT, Kind.VAL_DATA, Kind.PRED_BATCH})
 
@@ -47,6 +52,7 @@ class RunWorker(threading.Thread):
         state_dir: Path | None = None,
         start: Message | None = None,
         replay: Callable[[], Iterable[Message]] | None = None,
+        trimmer: JournalTrimmer | None = None,
         delivery_gate: threading.Event | None = None,
     ) -> None:
         super().__init__(name=f"run-{run_id}", daemon=True)
@@ -63,10 +69,13 @@ class RunWorker(threading.Thread):
         self.finished_with: int | None = None
         self._stopping = threading.Event()
         self._end_lock = threading.Lock()
-        self.run_ended = False  # the wandb run was just finished (by the trainer, as lost, or at SIGTERM)
-        self.ended = False  # the thread is done; offer() refuses
+        self.wandb_run_finished = False  # just finished (by the trainer, as lost, or at SIGTERM)
+        self.thread_done = False  # the thread is done; offer() refuses
         self._start_msg: Message | None = start  # the run start wandb.init uses (a resume after a restart)
         self._replay = replay  # journaled messages to apply before the queue (recovery, incomplete runs)
+        self.trimmer = trimmer  # compacts the open run's journal up to what wandb holds
+        self._log_tail: WandbLogTail | None = None
+        self._noted = 0
         self._last_mark = 0.0
         self._mark_due = False  # delivered more than the last mark says
         self._gate = delivery_gate  # set while delivery may run (the receiver clears it while it is busy)
@@ -86,7 +95,7 @@ class RunWorker(threading.Thread):
     def offer(self, msg: Message) -> bool:
         """Queue ``msg`` unless this worker has ended (the server then starts a new one for the run)."""
         with self._end_lock:
-            if self.ended:
+            if self.thread_done:
                 return False
             self.queue.put(msg)
             return True
@@ -106,14 +115,18 @@ class RunWorker(threading.Thread):
         if self._replay is not None:
             for msg in self._replay():  # drained at SIGTERM too, as the queue is: it was queued first
                 self._apply_with_retry(msg)
+                self._note_for_trim()
                 if time.monotonic() - self._last_mark > MARK_EVERY:
                     self._mark_delivered()
             self._replay = None
         while True:
             try:  # a delivery mark still to write: wait at most until it is due
-                item = self.queue.get(timeout=MARK_EVERY if self._mark_due else None)
-            except queue.Empty:
-                self._mark_delivered()
+                item = self.queue.get(timeout=MARK_EVERY if self._mark_due else _IDLE_TICK)
+            except queue.Empty:  # idle: wandb may have written what it held since, so the journal can shrink
+                if self._mark_due:
+                    self._mark_delivered()  # trims too
+                else:
+                    self._maybe_trim(self._delivery_mark())
                 continue
             if isinstance(item, tuple) and item[0] is _STOP:
                 self._finish(item[1])
@@ -122,12 +135,13 @@ class RunWorker(threading.Thread):
                 if self._gate is not None and not self._gate.is_set():
                     self._gate.wait(1.0)  # ingest first (SidecarServer.delivery_gate); bounded, never stuck
                 self._apply_with_retry(item)
-            if self.run_ended:
+                self._note_for_trim()
+            if self.wandb_run_finished:
                 with self._end_lock:  # the server offers nothing new while we decide
                     if self.queue.empty():  # at SIGTERM the stop is the last thing queued
-                        self.ended = True
+                        self.thread_done = True
                         return
-                self.run_ended = False  # the trainer came back while its run was finishing: resume it
+                self.wandb_run_finished = False  # the trainer came back while its run was finishing: resume it
             self._mark_due = True
             if time.monotonic() - self._last_mark > MARK_EVERY:
                 self._mark_delivered()
@@ -161,7 +175,7 @@ class RunWorker(threading.Thread):
                     log.error("run %s: %s; stopping: it stays in the journal for the next start",
                               self.run_id, self.last_error)
                     with self._end_lock:
-                        self.ended = True
+                        self.thread_done = True
                     raise SystemExit from exc
                 log.error("run %s: %s; retrying in %.0f s", self.run_id, self.last_error, delay)
                 self._stopping.wait(delay)
@@ -200,12 +214,30 @@ class RunWorker(threading.Thread):
         known = self.sink.already_logged(msg)
         return msg.index <= self.delivered if known is None else known
 
+    def _delivery_mark(self) -> int:
+        """Every journal index up to this one was handed to wandb (the open row's messages were not yet)."""
+        held = self.sink.undelivered_from()
+        return held - 1 if held else self.delivered
+
     def _mark_delivered(self) -> None:
         self._mark_due = False
-        held = self.sink.undelivered_from()
-        seq = held - 1 if held else self.delivered
+        mark = self._delivery_mark()
         self._last_mark = time.monotonic()
-        self.on_delivered(self.run_id, seq)
+        self.on_delivered(self.run_id, mark)
+        self._maybe_trim(mark)
+
+    def _note_for_trim(self) -> None:
+        if self.trimmer is not None and self.delivered - self._noted >= 100:
+            self._noted = self.delivered
+            self.trimmer.note(self._delivery_mark(), self.sink.last_step_logged)
+
+    def _maybe_trim(self, mark: int) -> None:
+        run = self.sink.run
+        if self.trimmer is None or run is None:
+            return
+        if self._log_tail is None or self._log_tail.path != live_run_file(run.dir, self.run_id):
+            self._log_tail = WandbLogTail(live_run_file(run.dir, self.run_id))
+        self.trimmer.maybe_trim(mark, self.sink.last_step_logged, run.offline, self._log_tail.max_step)
 
     def _finish(self, exit_code: int | None) -> None:
         missing = ""
@@ -218,7 +250,7 @@ class RunWorker(threading.Thread):
             self.last_error = f"finish: {type(exc).__name__}: {exc}"
             log.error("run %s: %s", self.run_id, self.last_error)
         self.finished_with = exit_code
-        self.run_ended = True
+        self.wandb_run_finished = True
         self.on_delivered(self.run_id, self.delivered)
         if missing:
             self.state = "incomplete"

@@ -25,6 +25,7 @@ from . import recovery
 from .admission import admit_body
 from .init_policy import InitRefused
 from .journal import Journal, JournalError
+from .journal_trim import TRIM_BYTES, JournalTrimmer
 from .paths import FileGuard
 from .run_table import Admit, RunState, RunTable
 from .run_worker import LOST_EXIT_CODE, RunWorker
@@ -71,6 +72,7 @@ class SidecarServer:
         replay_backoff: float = 10.0,
         retention: float = 7 * 24 * 3600.0,
         max_runs: int = 1000,
+        trim_bytes: int = TRIM_BYTES,
     ) -> None:
         self.bind = bind
         self.journal = Journal(journal_dir, fsync=fsync)
@@ -81,6 +83,7 @@ class SidecarServer:
         self.replay_backoff = replay_backoff
         self.retention = retention
         self.max_runs = max_runs
+        self.trim_bytes = trim_bytes
         self.rejected: collections.Counter[str] = collections.Counter()
         self.counters: collections.Counter[str] = collections.Counter()
         self.last_error = ""
@@ -336,7 +339,9 @@ class SidecarServer:
                 return recovery.journaled_messages(self, st.run_id, replay_upto)
         worker = RunWorker(st.run_id, self.guard, self._on_delivered, self._on_finished, self._on_incomplete,
                            delivered=st.delivered_index, state_dir=self.journal.root, start=st.start,
-                           replay=replay, delivery_gate=self.delivery_gate)
+                           replay=replay, delivery_gate=self.delivery_gate, trimmer=JournalTrimmer(
+                               st.run_id, lambda: self.journal.size(st.run_id),
+                               lambda upto: self.journal.trim(st.run_id, upto), self.trim_bytes))
         st.worker = worker
         worker.start()
         return worker

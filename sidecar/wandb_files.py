@@ -78,3 +78,11 @@ def persisted(root: Path, run_id: str, cache_file: Path, exclude: str = "") -> P
     except OSError:
         pass
     return out
+
+
+def max_step_in(run_file: Path) -> int:
+    """The highest history step in one ``.wandb`` file (-1: none, or unreadable yet)."""
+    try:
+        return int(_scan(run_file)["max_step"])
+    except (OSError, subprocess.SubprocessError, ValueError, KeyError):
+        return -1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ class WandbSink:
         self.rows = StepRows()
         self.counters = Counters()
         self.media: MediaBuilder | None = None
+        self._handed_index = -1  # the message whose artifact wandb took last: a retry of it must not log it again
 
     @property
     def running(self) -> bool:
@@ -55,6 +57,11 @@ class WandbSink:
     def all_counters(self) -> dict[str, int]:
         """Sink and media counters together, for status."""
         return {**self.counters, **(self.media.counters if self.media is not None else {})}
+
+    @property
+    def last_step_logged(self) -> int:
+        """Highest explicit step handed to ``run.log`` (-1: none)."""
+        return self.rows.last_step_logged
 
     def mark_trainer_lost(self) -> None:
         """Say in the run's summary that its trainer stopped answering (before finishing it)."""
@@ -86,13 +93,22 @@ class WandbSink:
                  self.run.url or "offline", self.run.dir, extra={"run": self.run_id})
         self._init_dir = init.get("dir")
         self._find_persisted_steps(self._init_dir)
+        # From here on nothing raises: a retried run start finds the run and would skip what follows.
+        self.media = MediaBuilder(self.run, self.guard)
         for metric in body.get("define_metrics", []):
-            self.run.define_metric(**metric)
+            self._best_effort("define_metric", self.run.define_metric, **metric)
         for f in body.get("files", []):
-            self._save_file(f)
+            self._best_effort("file", self._save_file, f)
         if body.get("code"):
             self._log_code(body["code"])
-        self.media = MediaBuilder(self.run, self.guard)
+
+    def _best_effort(self, what: str, call: Any, *args: Any, **kwargs: Any) -> None:
+        """One step of the run start; a failure is logged and counted (``failed_<what>``), not raised."""
+        try:
+            call(*args, **kwargs)
+        except Exception as exc:  # wandb raises anything (ValueError for a base_path that is no parent...)
+            self.count(f"failed_{what}")
+            log.error("run %s: %s %r failed: %s: %s", self.run_id, what, args or kwargs, type(exc).__name__, exc)
 
     def _find_persisted_steps(self, init_dir: str | None) -> None:
         """Offline, a resumed run starts from step 0 in a new directory: learn from wandb's files of the
@@ -225,16 +241,26 @@ class WandbSink:
     # ------------------------------------------------------------------------------- artifacts
 
     def checkpoint(self, msg: Message) -> None:
+        """Log the checkpoint artifact once, then free the spool link. A retry of this message (the worker
+        retries a raising upload) skips a finished upload; a failed clean-up is logged, never raised."""
         body = msg.body
         path = self.guard.check(body["path"])
         if path is None:
             self.count("checkpoint_refused")
-            log.error("run %s: checkpoint %r is outside the allowed roots; not uploaded", self.run_id, body["path"])
+            log.error("run %s: checkpoint %r is outside the allowed roots %s; not uploaded", self.run_id,
+                      body["path"], [str(r) for r in self.guard.roots])
             return
-        if not path.is_file():
-            self.count("checkpoint_missing")
-            log.error("run %s: checkpoint %s does not exist; nothing to upload", self.run_id, path)
-            return
+        if msg.index != self._handed_index:
+            if not path.is_file():
+                self.count("checkpoint_missing")
+                log.error("run %s: checkpoint %s does not exist; nothing to upload", self.run_id, path)
+                return
+            self._upload_checkpoint(body, path)
+            self._handed_index = msg.index
+        if body.get("spooled") and path.parent.name == SPOOL_DIR_NAME:
+            self._release_spooled(path)
+
+    def _upload_checkpoint(self, body: dict[str, Any], path: Path) -> None:
         name = body.get("artifact_name") or f"run_{self.run.id}_model"
         aliases = list(body.get("aliases") or ["latest"])
         file_name = os.path.basename(body.get("source_path") or body["path"])
@@ -253,13 +279,39 @@ class WandbSink:
                  file_name, size / 1e6, name, aliases, took, size / 1e6 / max(took, 1e-6),
                  extra={**where, "seconds": round(took, 3)})
         self.count("checkpoints")
-        if body.get("spooled") and path.parent.name == SPOOL_DIR_NAME:
-            path.unlink(missing_ok=True)  # add_file staged a copy; the hardlink has done its job
+
+    def _release_spooled(self, path: Path) -> None:
+        """Remove the spool hardlink (add_file staged a copy). Removing it needs write permission on the
+        spool directory: a sidecar of another uid must be in the trainer's group (the directory is made
+        group-writable by the client). A failure costs the link's disk space, never the upload."""
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            self.count("spool_unlink_failed")
+            try:
+                st = path.parent.stat()
+                owner = f"owner uid {st.st_uid} gid {st.st_gid}, mode {stat.S_IMODE(st.st_mode):o}"
+            except OSError:
+                owner = "not readable"
+            log.warning("run %s: uploaded, but cannot remove the spool link %s (%s: %s; directory %s; this "
+                        "sidecar: uid %d, groups %s). The checkpoint keeps its disk space: run the sidecar in the "
+                        "trainer's group (docker compose: TRAINER_GID in .env)", self.run_id, path,
+                        type(exc).__name__, exc.strerror or exc, owner, os.getuid(), sorted({os.getgid(), *os.getgroups()}),
+                        extra={"run": self.run_id, "path": str(path)})
 
     def val_data(self, msg: Message, publish: bool = True) -> None:
+        """The validation table (its artifact once per message, a retry included)."""
         assert self.media is not None
+        if msg.index == self._handed_index:
+            return
         self.media.val_table(msg.body, publish=publish)
+        if publish:
+            self._handed_index = msg.index
 
     def pred_batch(self, msg: Message) -> None:
+        """A prediction table (its artifact once per message, a retry included)."""
         assert self.media is not None
+        if msg.index == self._handed_index:
+            return
         self.media.pred_table(msg.body)
+        self._handed_index = msg.index

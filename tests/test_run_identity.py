@@ -75,6 +75,8 @@ def test_resume_with_the_sidecar_sigkilled_during_the_second_incarnation(tmp_pat
     sidecar.kill()
     sidecar = SidecarProcess(tmp_path, port=sidecar.port).start()
     assert second.wait(180) == 0, json.loads((tmp_path / "b.json").read_text())
+    # wandb.init may be retried while the killed sidecar's wandb service still holds the run
+    sidecar.wait_for(lambda s: s["runs"]["resumed2"]["state"] == "finished", timeout=600)
     assert sidecar.stop() == 0
     run = read_runs(sidecar.wandb_dir)["resumed2"]
     _assert_steps(run, range(3500))

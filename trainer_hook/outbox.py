@@ -1,190 +1,175 @@
-"""The client's buffer of packed, not yet sent messages: memory first, a disk spill file behind it.
+"""The client's buffer of packed, not yet sent messages: memory first, disk segments behind it.
 
-Order is kept: the oldest messages are in memory, the newer ones in the spill file once memory is full,
-and memory is refilled from the file as messages leave. Only the client's I/O thread touches it.
+Order is kept: the oldest messages are in memory (``head``), newer ones in the spill segments once memory
+is full, and memory is refilled from disk as messages leave. A never-dropped message that the full (or
+unwritable) spill refuses waits in memory behind the spill (``tail``), and so does everything after it
+until the spill has drained, so order still holds. Only the client's I/O thread touches it.
 
 Policies when full (counted in the client's stats):
-- memory full and a spill file configured: new messages go to disk (``spilled``);
-- disk full too (``max_spill_bytes``), or no spill file: the oldest droppable message in memory is
-  dropped (``dropped_backlog_full``), else the new one if it is droppable; checkpoints, validation data,
-  run start and finish are never dropped (they may exceed the bound, they are few and small);
-- the spill file cannot be written (disk full, read-only): as if it were full (``spill_failed``).
+- memory full (``max_memory_bytes``, head and tail together, each message counted with Python's
+  overhead) and a spill configured: new messages go to disk (``spilled``);
+- spill full (``max_spill_bytes``, a hard limit on the segment files) or no spill: with a spill, the new
+  message is dropped if droppable (drop newest, as Vector's ``when_full: drop_newest``); memory only, the
+  oldest droppable message in memory is dropped, else the new one (``dropped_backlog_full``);
+  checkpoints, validation data, run start and finish are never dropped (they may exceed the memory bound;
+  they are few);
+- the spill cannot be written (disk full, read-only): as if it were full (``spill_failed``).
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-import struct
-from dataclasses import dataclass
-from pathlib import Path
 
-import msgpack
+from protocol import NEVER_DROPPED
 
-from protocol import NEVER_DROPPED, Kind
+from .packed import Packed
+from .spill import SpillSegments, record_bytes
 
 log = logging.getLogger("trainer_hook")
-_LEN = struct.Struct("<I")
-#: Python's own cost of one queued message beyond its payload bytes (the Packed object, its frame list,
-#: bytes headers, the header frame added later): counted, so the memory bound is a bound on real memory.
-ITEM_OVERHEAD = 320
-
-
-@dataclass(slots=True)
-class Packed:
-    kind: Kind
-    frames: list[bytes]  # body frames; the header is added when a sequence number is assigned
-    time: float
-    nbytes: int
-    lid: int  # local order, for flush markers
-    seq: int = 0
-
-
-def _cost(item: Packed) -> int:
-    return item.nbytes + ITEM_OVERHEAD
-
-
-class _SpillFile:
-    """Append-only records ``<u32 len><msgpack [kind, time, lid, frames]>`` with a read position."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.file = None
-        self.read_pos = 0
-        self.write_pos = 0
-        self.count = 0
-
-    @property
-    def nbytes(self) -> int:
-        return self.write_pos - self.read_pos
-
-    def append(self, item: Packed) -> None:
-        if self.file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(self.path, "w+b")
-        payload = msgpack.packb([item.kind.value, item.time, item.lid, item.frames])
-        self.file.seek(self.write_pos)
-        self.file.write(_LEN.pack(len(payload)) + payload)
-        self.write_pos += _LEN.size + len(payload)
-        self.count += 1
-
-    def pop(self) -> Packed:
-        assert self.file is not None and self.count
-        self.file.seek(self.read_pos)
-        (n,) = _LEN.unpack(self.file.read(_LEN.size))
-        kind, t, lid, frames = msgpack.unpackb(self.file.read(n))
-        self.read_pos += _LEN.size + n
-        self.count -= 1
-        if not self.count:  # drained: start the file over instead of growing it forever
-            self.file.truncate(0)
-            self.read_pos = self.write_pos = 0
-        return Packed(Kind(kind), frames, t, sum(len(f) for f in frames), lid)
-
-    def peek_lid(self) -> int:
-        assert self.file is not None and self.count
-        self.file.seek(self.read_pos)
-        (n,) = _LEN.unpack(self.file.read(_LEN.size))
-        return msgpack.unpackb(self.file.read(n))[2]
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
-        self.path.unlink(missing_ok=True)
 
 
 class Outbox:
-    def __init__(self, max_memory_bytes: int, spill_path: Path | None, max_spill_bytes: int,
-                 counters: collections.Counter[str]) -> None:
+    def __init__(self, max_memory_bytes: int, spill: SpillSegments | None, counters: collections.Counter[str]) -> None:
         self.max_memory_bytes = max_memory_bytes
-        self.max_spill_bytes = max_spill_bytes
-        self.memory: collections.deque[Packed] = collections.deque()
+        self.head: collections.deque[Packed] = collections.deque()
+        self.tail: collections.deque[Packed] = collections.deque()
         self.memory_bytes = 0
-        self.spill = _SpillFile(spill_path) if spill_path is not None else None
+        self.spill = spill
         self.counters = counters
 
     def __len__(self) -> int:
-        return len(self.memory) + (self.spill.count if self.spill else 0)
+        return len(self.head) + len(self.tail) + (self.spill.count if self.spill else 0)
 
     @property
     def spill_bytes(self) -> int:
-        return self.spill.nbytes if self.spill else 0
+        """Bytes of the spill's segment files on disk."""
+        return self.spill.disk_bytes if self.spill else 0
+
+    # -- adding
 
     def put(self, item: Packed) -> None:
-        spill = self.spill
-        if spill is None:  # memory only: make room first, so the bound holds at every moment
-            while self.memory_bytes + _cost(item) > self.max_memory_bytes:
-                if not self._drop_oldest(keep=item):
-                    if item.kind not in NEVER_DROPPED:
-                        self.counters["dropped_backlog_full"] += 1
-                        return
-                    break  # never dropped: may exceed the bound (such messages are few and small)
-            self._to_memory(item)
+        if self.spill is None:
+            self._put_memory_only(item)
+        elif not self.tail and not self.spill.count and self.memory_bytes + item.cost <= self.max_memory_bytes:
+            self._to_head(item)
+        elif not self.tail and self._to_spill(item):
             return
-        if not spill.count and self.memory_bytes + _cost(item) <= self.max_memory_bytes:
-            self._to_memory(item)
-            return
-        if spill.nbytes + item.nbytes > self.max_spill_bytes and not self._make_room(item):
-            return
+        elif item.kind in NEVER_DROPPED or self.memory_bytes + item.cost <= self.max_memory_bytes:
+            self.tail.append(item)  # behind the spill, in order
+            self.memory_bytes += item.cost
+        else:
+            self.counters["dropped_backlog_full"] += 1
+
+    def put_first(self, item: Packed) -> None:
+        """Put ``item`` ahead of everything (a run start for a spill taken over from a dead client)."""
+        self.head.appendleft(item)
+        self.memory_bytes += item.cost
+
+    def _put_memory_only(self, item: Packed) -> None:
+        # make room first, so the bound holds at every moment
+        while self.memory_bytes + item.cost > self.max_memory_bytes:
+            if not self._drop_oldest():
+                if item.kind not in NEVER_DROPPED:
+                    self.counters["dropped_backlog_full"] += 1
+                    return
+                break  # never dropped: may exceed the bound (such messages are few)
+        self._to_head(item)
+
+    def _to_spill(self, item: Packed) -> bool:
+        """True if written to disk; False if the spill refused it (full or unwritable)."""
+        assert self.spill is not None
+        record = record_bytes(item)
+        if not self.spill.fits(len(record)):
+            self.counters["spill_full"] += 1
+            return False
         try:
-            spill.append(item)
-            self.counters["spilled"] += 1
+            self.spill.append(record)
         except OSError as exc:
             self.counters["spill_failed"] += 1
-            log.warning("wandb sidecar client: cannot write the spill file %s (%s)", spill.path, exc)
-            if self._make_room(item):
-                self._to_memory(item)  # kept in memory, order with the spill file aside
-
-    def _to_memory(self, item: Packed) -> None:
-        self.memory.append(item)
-        self.memory_bytes += _cost(item)
-
-    def _make_room(self, item: Packed) -> bool:
-        """Drop the oldest droppable message in memory, else ``item`` if droppable. True: keep ``item``."""
-        if self._drop_oldest(keep=item):
-            return True
-        if item.kind not in NEVER_DROPPED:
-            self.counters["dropped_backlog_full"] += 1
+            log.warning("wandb sidecar client: cannot write the spill in %s (%s)", self.spill.directory, exc)
             return False
+        self.counters["spilled"] += 1
         return True
 
-    def _drop_oldest(self, keep: Packed) -> bool:
-        for i, old in enumerate(self.memory):
-            if old is not keep and old.kind not in NEVER_DROPPED:
-                del self.memory[i]
-                self.memory_bytes -= _cost(old)
+    def _to_head(self, item: Packed) -> None:
+        self.head.append(item)
+        self.memory_bytes += item.cost
+
+    def _drop_oldest(self) -> bool:
+        for i, old in enumerate(self.head):
+            if old.kind not in NEVER_DROPPED:
+                del self.head[i]
+                self.memory_bytes -= old.cost
                 self.counters["dropped_backlog_full"] += 1
                 return True
         return False
 
+    # -- taking
+
     def pop(self) -> Packed | None:
-        if not self.memory and self.spill is not None and self.spill.count:
+        if not self.head and self.spill is not None and self.spill.count:
             self._refill()
-        if not self.memory:
+        if self.head:
+            item = self.head.popleft()
+        elif self.tail and not (self.spill and self.spill.count):
+            item = self.tail.popleft()
+        else:
             return None
-        item = self.memory.popleft()
-        self.memory_bytes -= _cost(item)
+        self.memory_bytes -= item.cost
         return item
 
     def _refill(self) -> None:
         assert self.spill is not None
         try:
-            while self.spill.count and self.memory_bytes < self.max_memory_bytes // 2:
-                self._to_memory(self.spill.pop())
-        except (OSError, ValueError) as exc:
+            # at least one, even when never-dropped messages behind the spill fill memory
+            while self.spill.count and (not self.head or self.memory_bytes < self.max_memory_bytes // 2):
+                item = self.spill.pop()
+                if item is None:
+                    break
+                self._to_head(item)
+        except OSError as exc:
             self.counters["spill_failed"] += 1
-            log.error("wandb sidecar client: spill file %s unreadable (%s); its %d messages are lost",
-                      self.spill.path, exc, self.spill.count)
-            self.spill.close()
+            log.error("wandb sidecar client: spill in %s unreadable (%s); its %d messages are lost",
+                      self.spill.directory, exc, self.spill.count)
+            self.spill.close(keep=False)
             self.spill = None
 
-    def oldest_lid(self) -> int | None:
-        if self.memory:
-            return self.memory[0].lid
+    def oldest_order(self) -> int | None:
+        if self.head:
+            return self.head[0].order
         if self.spill is not None and self.spill.count:
-            return self.spill.peek_lid()
-        return None
+            order = self.spill.peek_order()
+            if order is not None:
+                return order
+        return self.tail[0].order if self.tail else None
 
-    def close(self) -> None:
+    # -- ending
+
+    def keep_on_disk(self, unacked: list[Packed]) -> int:
+        """At exit: write ``unacked`` (sent, not acknowledged; body frames only), memory and tail into the
+        spill, in order, past its limit if need be (what was in memory is bounded by the memory bounds).
+        Returns how many messages are on disk; 0 with no spill."""
+        if self.spill is None:
+            return 0
+        before = [*unacked, *self.head]
+        self.head.clear()
+        self.spill.rewrite_head(before)
+        while self.tail:
+            self.spill.append(record_bytes(self.tail.popleft()), over_limit=True)
+        self.memory_bytes = 0
+        return self.spill.count
+
+    def discard(self) -> int:
+        """Throw everything away (the sidecar refused the run for good); returns how many messages."""
+        n = len(self)
+        self.head.clear()
+        self.tail.clear()
+        self.memory_bytes = 0
         if self.spill is not None:
-            self.spill.close()
+            self.spill.close(keep=False)
+        return n
+
+    def close(self, keep: bool = False) -> None:
+        if self.spill is not None:
+            self.spill.close(keep=keep)

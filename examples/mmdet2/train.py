@@ -17,6 +17,8 @@ from typing import Any, Sequence
 
 from mmcv import Config
 
+from protocol import DEFAULT_ADDR
+
 EXP_NAME = "tiny_mask_rcnn.py"
 HOOK_ARGS: dict[str, Any] = dict(
     interval=1,
@@ -136,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--work-dir", required=True)
     p.add_argument("--data-root", required=True, help="synthetic COCO root (created if missing)")
     p.add_argument("--logger", choices=["none", "upstream", "sidecar"], default="none")
-    p.add_argument("--sidecar-addr", default="tcp://127.0.0.1:5555")
+    p.add_argument("--sidecar-addr", default=DEFAULT_ADDR)
     p.add_argument("--project", default="test")
     p.add_argument("--by-iter", action="store_true", help="IterBasedRunner instead of epochs")
     p.add_argument("--max-epochs", type=int, default=2)
