@@ -105,14 +105,15 @@ def read_runs(wandb_dir: str | os.PathLike[str]) -> dict[str, RunRecords]:
     root = Path(wandb_dir)
     root = root / "wandb" if (root / "wandb").is_dir() else root
     runs: dict[str, RunRecords] = {}
-    for run_dir in sorted(root.glob("offline-run-*")):  # names start with the time: sorted = in order
-        run_id = run_dir.name.rsplit("-", 1)[-1]
+    # names start with the time, so sorted is in order. The run id is read from the run file's name, not the
+    # directory's: a directory made in the same second as an earlier one of the run is named "...-<id>-1".
+    for run_file in sorted(root.glob("offline-run-*/run-*.wandb"), key=lambda f: f.parent.name):
+        run_id = run_file.stem.removeprefix("run-")
         run = runs.setdefault(run_id, RunRecords(run_id))
-        run.dirs.append(run_dir)
-        for run_file in sorted(run_dir.glob("run-*.wandb")):
-            for rec in inspect(run_file):
-                run.records.append(rec)
-                _apply(run, rec)
+        run.dirs.append(run_file.parent)
+        for rec in inspect(run_file):
+            run.records.append(rec)
+            _apply(run, rec)
     return runs
 
 

@@ -61,7 +61,9 @@ def persisted(root: Path, run_id: str, cache_file: Path, exclude: str = "") -> P
     except (OSError, ValueError):
         cache = {}
     out = Persisted()
-    for run_file in sorted(root.glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")):
+    # by the run file's name: a directory made in the same second as the run's previous one (a quick restart)
+    # is named "offline-run-<time>-<id>-1"
+    for run_file in sorted(root.glob(f"offline-run-*/run-{run_id}.wandb"), key=lambda f: f.parent.name):
         key = run_file.parent.name
         if key == exclude:
             continue
