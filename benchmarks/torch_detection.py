@@ -251,9 +251,13 @@ def main() -> None:
     p.add_argument("--size", choices=sorted(SIZES), default="full")
     p.add_argument("--modes", default="none,inprocess,sidecar")
     p.add_argument("--out", default="")
+    p.add_argument("--root", default="", help="keep every file (data, wandb runs) here; default: a temp dir")
     a = p.parse_args()
-    with tempfile.TemporaryDirectory(prefix="torch-detection-") as tmp:
-        out = benchmark(a.size, a.modes.split(","), Path(tmp))
+    if a.root:
+        out = benchmark(a.size, a.modes.split(","), Path(a.root))
+    else:
+        with tempfile.TemporaryDirectory(prefix="torch-detection-") as tmp:
+            out = benchmark(a.size, a.modes.split(","), Path(tmp))
     text = json.dumps(out, indent=2, default=str)
     print(text)
     if a.out:

@@ -318,7 +318,7 @@ class SidecarServer:
                      st.incarnation, st.state)
         st.state = "active"
         worker = st.worker
-        if worker is not None and worker.state == "failed":
+        if worker is not None and worker.state == "failed" and msg.kind is Kind.RUN_START:
             worker.stop(None)  # a new run start after a failed wandb.init: a new worker tries it
             worker = None
         if worker is None or not worker.offer(msg):
