@@ -1,5 +1,6 @@
 """The wire protocol between the trainer-side hook and the sidecar. No wandb, mmcv or torch here."""
 
+from .counters import Counters
 from .codec import Header, Message, decode, decode_body, decode_header, encode, encode_body, encode_header, split
 from .errors import (
     InvalidField,
@@ -11,10 +12,13 @@ from .errors import (
 )
 from .kinds import NEVER_DROPPED, SEQUENCED, Kind
 from .limits import MAX_BATCH, MAX_FRAME_BYTES, PROTOCOL_VERSION
+from .schema import Body
 
 from .address import DEFAULT_ADDR, DEFAULT_SOCKET_DIR
 
 __all__ = [
+    "Body",
+    "Counters",
     "DEFAULT_ADDR",
     "DEFAULT_SOCKET_DIR",
     "Header",

@@ -7,59 +7,65 @@
   throughput in Python. ``incarnation`` is the sending client's random token: sequence numbers count per
   (run id, incarnation), so a resumed training (a new process, the same wandb run id) starts a new
   sequence instead of being taken for duplicates of the old one.
-- ``body``: msgpack map of the kind's fields. numpy arrays inside it are ExtType references
-  ``[dtype, shape, offset, nbytes]`` into ``blob``.
+- ``body``: msgpack map of the kind's fields (:mod:`protocol.schema`, decoded and validated by msgspec in
+  C). numpy arrays inside it are ExtType references ``[dtype, shape, offset, nbytes]`` into ``blob``.
 - ``blob``: every array's bytes, concatenated: one large frame per message, not one per array
   (pyzmq copies frames under 64 KiB anyway, and per-frame overhead dominates for many small arrays).
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-from typing import Any, Iterator, NamedTuple, Sequence
+import re
+from typing import Annotated, Any, Iterator, Literal, Sequence
 
-import msgpack
+import msgspec
 import numpy as np
+from msgspec import Meta
 
-from .errors import InvalidField, LimitExceeded, MalformedFrame, UnknownKind, UnsupportedVersion
-from .kinds import SCHEMAS, SEQUENCED, Kind
+from .errors import InvalidField, LimitExceeded, MalformedFrame, ProtocolError, UnknownKind, UnsupportedVersion
+from .kinds import SEQUENCED, Kind
 from .limits import (
     ALLOWED_DTYPES,
+    INCARNATION_PATTERN,
     MAX_ARRAY_ELEMENTS,
     MAX_ARRAY_NDIM,
     MAX_BATCH,
     MAX_BODY_BYTES,
-    MAX_CONTAINER_LEN,
     MAX_FRAME_BYTES,
     MAX_FRAMES,
     MAX_HEADER_BYTES,
-    MAX_KEY_LEN,
-    MAX_METRICS_PER_MESSAGE,
-    MAX_STR_LEN,
     PROTOCOL_VERSION,
-    INCARNATION_PATTERN,
     RUN_ID_PATTERN,
 )
+from .schema import BODIES, Body
 
 _ARRAY_EXT = 1
 _KINDS = {k.value: k for k in Kind}
+_FLOAT_MAX = 1.7976931348623157e308
 
 
-class Header(NamedTuple):  # a NamedTuple: built once per message, ~4x cheaper than a frozen dataclass
-    version: int
+class Header(msgspec.Struct, array_like=True, frozen=True, gc=False, forbid_unknown_fields=True):
+    """``[version, kind, run_id, seq, time, nbody, incarnation]``: decoded (and validated, in C) alone first.
+
+    ``run_id`` and ``incarnation`` must also match their patterns (``RUN_ID_PATTERN``,
+    ``INCARNATION_PATTERN``) or be empty: checked by :func:`decode_header` (a regex per message is most of
+    a header's decoding time, so strings already seen are remembered)."""
+
+    version: Literal[PROTOCOL_VERSION]  # type: ignore[valid-type]
     kind: Kind
-    run_id: str
-    seq: int
-    time: float
-    nbody: int = 1
-    incarnation: str = ""
+    run_id: Annotated[str, Meta(max_length=64)]
+    seq: Annotated[int, Meta(ge=0, le=2**63 - 1)]
+    time: Annotated[float, Meta(ge=-_FLOAT_MAX, le=_FLOAT_MAX)]  # finite
+    nbody: Annotated[int, Meta(ge=1, le=MAX_FRAMES - 1)]
+    incarnation: Annotated[str, Meta(max_length=32)]
 
 
-@dataclass(slots=True)
-class Message:
+class Message(msgspec.Struct, gc=False):
+    """A decoded message. Not tracked by the garbage collector (nor are its header and body): a run's
+    queue may hold 200,000 of them, and a full collection would walk them all."""
+
     header: Header
-    body: dict[str, Any] = field(default_factory=dict)
+    body: Body | dict[str, Any]  # decoded: the kind's Body (reads like a dict); built by hand: a dict
     #: Not on the wire: the receiver's position of this message in its run's journal (one counter per run
     #: across incarnations), which orders delivery and compaction.
     index: int = 0
@@ -80,12 +86,27 @@ class Message:
 # ----------------------------------------------------------------------------------------- encode
 
 
+class _HasArrays(Exception):
+    """Raised by the plain encoder at the first array: the body needs a blob frame (the slower path)."""
+
+
+def _scalar(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        raise _HasArrays
+    if isinstance(obj, np.generic) or (hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0):
+        return obj.item()  # numpy scalar, 0-d tensor
+    raise TypeError(f"cannot encode {type(obj).__name__} on the wire")
+
+
+_plain_encoder = msgspec.msgpack.Encoder(enc_hook=_scalar)
+
+
 def encode_header(kind: Kind, run_id: str, seq: int, time: float, nbody: int = 1, incarnation: str = "") -> bytes:
-    return msgpack.packb([PROTOCOL_VERSION, kind.value, run_id, seq, time, nbody, incarnation])
+    return _plain_encoder.encode((PROTOCOL_VERSION, kind, run_id, seq, time, nbody, incarnation))
 
 
 class _ArrayCollector:
-    """msgpack ``default`` hook: arrays become references into one blob; numpy/torch scalars plain values."""
+    """Encoder hook: arrays become references into one blob; numpy/torch scalars plain values."""
 
     __slots__ = ("parts", "offset")
 
@@ -94,29 +115,32 @@ class _ArrayCollector:
         self.offset = 0
 
     def __call__(self, obj: Any) -> Any:
-        if isinstance(obj, np.ndarray):
-            arr = np.ascontiguousarray(obj)
-            if arr.dtype.name not in ALLOWED_DTYPES:
-                raise TypeError(f"array dtype {arr.dtype} is not allowed on the wire")
-            arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
-            ref = msgpack.packb([arr.dtype.name, list(arr.shape), self.offset, arr.nbytes])
-            self.parts.append(arr.data.cast("B") if arr.nbytes else b"")
-            self.offset += arr.nbytes
-            return msgpack.ExtType(_ARRAY_EXT, ref)
-        if isinstance(obj, np.generic) or (hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0):
-            return obj.item()  # numpy scalar, 0-d tensor
-        if isinstance(obj, tuple):
-            return list(obj)
-        raise TypeError(f"cannot encode {type(obj).__name__} on the wire")
+        if not isinstance(obj, np.ndarray):
+            return _scalar(obj)
+        arr = np.ascontiguousarray(obj)
+        if arr.dtype.name not in ALLOWED_DTYPES:
+            raise TypeError(f"array dtype {arr.dtype} is not allowed on the wire")
+        arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+        ref = _plain_encoder.encode((arr.dtype.name, arr.shape, self.offset, arr.nbytes))
+        self.parts.append(arr.data.cast("B") if arr.nbytes else b"")
+        self.offset += arr.nbytes
+        return msgspec.msgpack.Ext(_ARRAY_EXT, ref)
 
 
-def encode_body(body: dict[str, Any]) -> list[bytes]:
+def encode_body(body: dict[str, Any] | Body) -> list[bytes]:
     """Pack a body into ``[body]`` or ``[body, blob]``. Raises TypeError/ValueError for what cannot go."""
-    collector = _ArrayCollector()
-    packed = msgpack.packb(body, default=collector, use_bin_type=True)
+    collector = None
+    try:
+        try:
+            packed = _plain_encoder.encode(body)
+        except _HasArrays:
+            collector = _ArrayCollector()
+            packed = msgspec.msgpack.Encoder(enc_hook=collector).encode(body)
+    except RecursionError:
+        raise ValueError("body nested too deeply to encode") from None
     if len(packed) > MAX_BODY_BYTES:
         raise ValueError(f"body of {len(packed)} bytes exceeds {MAX_BODY_BYTES}")
-    if not collector.parts:
+    if collector is None or not collector.parts:
         return [packed]
     blob = b"".join(collector.parts)
     if len(blob) > MAX_FRAME_BYTES:
@@ -124,7 +148,8 @@ def encode_body(body: dict[str, Any]) -> list[bytes]:
     return [packed, blob]
 
 
-def encode(kind: Kind, run_id: str, seq: int, time: float, body: dict[str, Any], incarnation: str = "") -> list[bytes]:
+def encode(kind: Kind, run_id: str, seq: int, time: float, body: dict[str, Any] | Body,
+           incarnation: str = "") -> list[bytes]:
     """Encode a whole message to its frames."""
     frames = encode_body(body)
     return [encode_header(kind, run_id, seq, time, len(frames), incarnation), *frames]
@@ -133,31 +158,8 @@ def encode(kind: Kind, run_id: str, seq: int, time: float, body: dict[str, Any],
 # ----------------------------------------------------------------------------------------- decode
 
 
-_BODY_LIMITS: dict[str, Any] = dict(
-    raw=False,
-    strict_map_key=True,
-    max_str_len=MAX_STR_LEN,
-    max_bin_len=MAX_BODY_BYTES,
-    max_array_len=MAX_CONTAINER_LEN,
-    max_map_len=MAX_CONTAINER_LEN,
-    max_ext_len=1024,
-)
-
-
-def _no_blob_hook(code: int, data: bytes) -> Any:
-    raise MalformedFrame("array reference without a blob frame" if code == _ARRAY_EXT
-                         else f"unknown msgpack extension type {code}")
-
-
-def _unpack(data: bytes, what: str, max_bytes: int, ext_hook: Any) -> Any:
-    if len(data) > max_bytes:
-        raise LimitExceeded(f"{what} frame of {len(data)} bytes exceeds {max_bytes}")
-    try:
-        return msgpack.unpackb(data, ext_hook=ext_hook, **_BODY_LIMITS)
-    except (LimitExceeded, InvalidField):
-        raise
-    except Exception as exc:  # msgpack raises a zoo of types for garbage; all mean "malformed"
-        raise MalformedFrame(f"{what} is not valid msgpack ({type(exc).__name__}: {exc})") from None
+_header_decoder = msgspec.msgpack.Decoder(Header)
+_any_decoder = msgspec.msgpack.Decoder()
 
 
 def decode_header(frame: bytes) -> Header:
@@ -165,46 +167,71 @@ def decode_header(frame: bytes) -> Header:
     if len(frame) > MAX_HEADER_BYTES:
         raise LimitExceeded(f"header frame of {len(frame)} bytes exceeds {MAX_HEADER_BYTES}")
     try:
-        raw = msgpack.unpackb(frame, raw=False)  # 1 KiB at most: no length limits needed
-    except Exception as exc:  # msgpack raises a zoo of types for garbage; all mean "malformed"
-        raise MalformedFrame(f"header is not valid msgpack ({type(exc).__name__}: {exc})") from None
+        header = _header_decoder.decode(frame)
+    except msgspec.MsgspecError as exc:
+        raise _header_error(frame, exc) from None
+    except (UnicodeDecodeError, RecursionError) as exc:  # msgspec raises these as they are
+        raise MalformedFrame(f"header is not valid msgpack ({type(exc).__name__})") from None
+    if header.run_id not in _valid_run_ids:
+        _remember(_valid_run_ids, header.run_id, RUN_ID_PATTERN, "run_id")
+    if header.incarnation not in _valid_incarnations:
+        _remember(_valid_incarnations, header.incarnation, INCARNATION_PATTERN, "incarnation")
+    if header.kind in SEQUENCED and (header.seq == 0 or not header.run_id or not header.incarnation):
+        raise InvalidField(f"{header.kind} needs a run_id, an incarnation and a sequence number >= 1")
+    return header
+
+
+_valid_run_ids: set[str] = {""}
+_valid_incarnations: set[str] = {""}
+_REMEMBERED = 4096
+
+
+def _remember(seen: set[str], value: str, pattern: re.Pattern[str], what: str) -> None:
+    if not pattern.match(value):
+        raise InvalidField(f"{what} {value[:80]!r} must match {pattern.pattern}")
+    if len(seen) >= _REMEMBERED:  # bounded: a peer inventing ids costs a regex each, not memory
+        seen.clear()
+        seen.add("")
+    seen.add(value)
+
+
+def _header_error(frame: bytes, exc: Exception) -> ProtocolError:
+    """The typed error for a header the schema refused (the slow path: only for bad input)."""
+    try:
+        raw = _any_decoder.decode(frame)
+    except Exception as e:  # msgspec.DecodeError, RecursionError
+        return MalformedFrame(f"header is not valid msgpack ({type(e).__name__}: {e})")
     if not isinstance(raw, list) or not raw or type(raw[0]) is not int:
-        raise MalformedFrame("header must be an array starting with the protocol version")
+        return MalformedFrame("header must be an array starting with the protocol version")
     if raw[0] != PROTOCOL_VERSION:
-        raise UnsupportedVersion(f"protocol version {raw[0]}, this side speaks {PROTOCOL_VERSION}")
+        return UnsupportedVersion(f"protocol version {raw[0]}, this side speaks {PROTOCOL_VERSION}")
     if len(raw) != 7:
-        raise MalformedFrame("header must be a 7-element array [version, kind, run_id, seq, time, nbody, "
-                             "incarnation]")
-    version, kind, run_id, seq, time, nbody, incarnation = raw
-    if not isinstance(kind, str) or kind not in _KINDS:
-        raise UnknownKind(f"unknown message kind {str(kind)[:64]!r}")
-    if not isinstance(run_id, str) or not (run_id == "" or RUN_ID_PATTERN.match(run_id)):
-        raise InvalidField(f"run_id {str(run_id)[:80]!r} must match {RUN_ID_PATTERN.pattern}")
-    if type(seq) is not int or seq < 0 or seq >= 2**63:
-        raise InvalidField("seq must be a non-negative integer")
-    if not isinstance(time, (int, float)) or isinstance(time, bool) or not math.isfinite(time):
-        raise InvalidField("time must be a finite number")
-    if type(nbody) is not int or not 1 <= nbody <= MAX_FRAMES - 1:
-        raise MalformedFrame(f"nbody must be 1 or 2, not {str(nbody)[:20]}")
-    if not isinstance(incarnation, str) or not (incarnation == "" or INCARNATION_PATTERN.match(incarnation)):
-        raise InvalidField(f"incarnation {str(incarnation)[:80]!r} must match {INCARNATION_PATTERN.pattern}")
-    k = _KINDS[kind]
-    if k in SEQUENCED and (seq == 0 or run_id == "" or incarnation == ""):
-        raise InvalidField(f"{k} needs a run_id, an incarnation and a sequence number >= 1")
-    return Header(version, k, run_id, seq, float(time), nbody, incarnation)
+        return MalformedFrame("header must be a 7-element array [version, kind, run_id, seq, time, nbody, "
+                              "incarnation]")
+    if not isinstance(raw[1], str) or raw[1] not in _KINDS:
+        return UnknownKind(f"unknown message kind {str(raw[1])[:64]!r}")
+    if type(raw[5]) is not int or not 1 <= raw[5] <= MAX_FRAMES - 1:
+        return MalformedFrame(f"nbody must be 1 or 2, not {str(raw[5])[:20]}")
+    return InvalidField(f"header: {exc}")
 
 
-def _array_hook(blob: memoryview | None):
-    def hook(code: int, data: bytes) -> Any:
+def _no_blob_hook(code: int, data: memoryview) -> Any:
+    raise MalformedFrame("array reference without a blob frame" if code == _ARRAY_EXT
+                         else f"unknown msgpack extension type {code}")
+
+
+def _array_hook(blob: memoryview):  # type: ignore[no-untyped-def]
+    def hook(code: int, data: memoryview) -> Any:
         if code != _ARRAY_EXT:
             raise MalformedFrame(f"unknown msgpack extension type {code}")
-        if blob is None:
-            raise MalformedFrame("array reference without a blob frame")
-        ref = msgpack.unpackb(data, raw=False)
+        try:
+            ref = _any_decoder.decode(data)
+        except Exception:  # msgspec.DecodeError, UnicodeDecodeError, RecursionError
+            raise MalformedFrame("bad array reference") from None
         if not (isinstance(ref, list) and len(ref) == 4):
             raise MalformedFrame("bad array reference")
         dtype, shape, offset, nbytes = ref
-        if dtype not in ALLOWED_DTYPES:
+        if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
             raise LimitExceeded(f"array dtype {str(dtype)[:32]!r} is not allowed")
         if (
             not isinstance(shape, list)
@@ -212,7 +239,9 @@ def _array_hook(blob: memoryview | None):
             or not all(type(d) is int and 0 <= d <= MAX_ARRAY_ELEMENTS for d in shape)
         ):
             raise LimitExceeded(f"array shape {str(shape)[:64]} is not allowed")
-        count = math.prod(shape)
+        count = 1
+        for d in shape:
+            count *= d
         dt = np.dtype(dtype).newbyteorder("<")
         if count > MAX_ARRAY_ELEMENTS or type(offset) is not int or type(nbytes) is not int:
             raise LimitExceeded("array too large or malformed reference")
@@ -223,20 +252,44 @@ def _array_hook(blob: memoryview | None):
     return hook
 
 
+def _arrays_only(kind: type, obj: Any) -> Any:
+    """msgspec's hook for ``np.ndarray`` fields: only an array reference (decoded by the ext hook) fits."""
+    if kind is np.ndarray and isinstance(obj, np.ndarray):
+        return obj
+    raise TypeError(f"expected an array, got {type(obj).__name__}")
+
+
+_body_decoders = {kind: msgspec.msgpack.Decoder(cls, ext_hook=_no_blob_hook, dec_hook=_arrays_only)
+                  for kind, cls in BODIES.items()}
+_LENGTH_LIMIT = re.compile(r"of length <= |length <= ")
+
+
 def decode_body(header: Header, frames: Sequence[bytes]) -> Message:
     """Decode and validate the body frames (everything after the header) of a message."""
     if len(frames) != header.nbody:
         raise MalformedFrame(f"header announces {header.nbody} body frame(s), got {len(frames)}")
-    blob = None
+    data = frames[0]
+    if len(data) > MAX_BODY_BYTES:
+        raise LimitExceeded(f"body frame of {len(data)} bytes exceeds {MAX_BODY_BYTES}")
     if len(frames) == 2:
         if len(frames[1]) > MAX_FRAME_BYTES:
             raise LimitExceeded(f"blob frame of {len(frames[1])} bytes exceeds {MAX_FRAME_BYTES}")
-        blob = memoryview(frames[1])
-    body = _unpack(frames[0], "body", MAX_BODY_BYTES, _array_hook(blob) if blob is not None else _no_blob_hook)
-    if not isinstance(body, dict):
-        raise MalformedFrame("body must be a map")
-    _check_schema(header.kind, body)
-    _VALIDATORS.get(header.kind, _no_check)(body)
+        decoder = msgspec.msgpack.Decoder(BODIES[header.kind], ext_hook=_array_hook(memoryview(frames[1])),
+                                          dec_hook=_arrays_only)
+    else:
+        decoder = _body_decoders[header.kind]
+    try:
+        body = decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        if _LENGTH_LIMIT.search(text):
+            raise LimitExceeded(f"{header.kind}: {text}") from None
+        raise InvalidField(f"{header.kind}: {text}") from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise MalformedFrame(f"body is not valid msgpack ({type(exc).__name__}: {exc})") from None
+    except RecursionError:
+        raise LimitExceeded("body nested too deeply") from None
+    body.check()
     return Message(header, body)
 
 
@@ -267,126 +320,3 @@ def split(frames: Sequence[bytes]) -> Iterator[tuple[Header, Sequence[bytes]]]:
             raise MalformedFrame(f"header announces {header.nbody} body frame(s), {len(frames) - i - 1} left")
         yield header, frames[i:end]
         i = end
-
-
-# ------------------------------------------------------------------------------------- validation
-
-
-def _check_schema(kind: Kind, body: dict[str, Any]) -> None:
-    schema = SCHEMAS[kind]
-    for name, value in body.items():
-        if name not in schema:
-            raise InvalidField(f"{kind}: unexpected field {str(name)[:64]!r}")
-        types, _ = schema[name]
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            raise InvalidField(f"{kind}.{name}: expected {'/'.join(t.__name__ for t in types)}")
-    for name, (_, required) in schema.items():
-        if required and name not in body:
-            raise InvalidField(f"{kind}: missing field {name!r}")
-
-
-def _no_check(body: dict[str, Any]) -> None:
-    return None
-
-
-_SCALARS = (int, float, str, bool, type(None))
-
-
-def _check_metrics(body: dict[str, Any]) -> None:
-    data = body["data"]
-    if len(data) > MAX_METRICS_PER_MESSAGE:
-        raise LimitExceeded(f"{len(data)} metrics in one message, at most {MAX_METRICS_PER_MESSAGE}")
-    for key, value in data.items():
-        if not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_LEN:
-            raise InvalidField(f"metric key {str(key)[:64]!r} must be a string of 1..{MAX_KEY_LEN}")
-        if not isinstance(value, _SCALARS):
-            raise InvalidField(f"metric {key!r}: {type(value).__name__} is not a scalar")
-    step = body.get("step")
-    if step is not None and step < 0:
-        raise InvalidField("step must be >= 0")
-
-
-def _check_str_list(body: dict[str, Any], name: str) -> None:
-    value = body.get(name, [])
-    if not all(isinstance(v, str) for v in value):
-        raise InvalidField(f"{name} must be a list of strings")
-
-
-def _check_arrays(body: dict[str, Any], name: str, n: int, ndim: int, width: int | None) -> None:
-    arrays = body[name]
-    if len(arrays) != n:
-        raise InvalidField(f"{name} has {len(arrays)} entries, expected {n}")
-    for a in arrays:
-        if not isinstance(a, np.ndarray) or a.ndim != ndim or (width is not None and a.shape[-1] != width):
-            raise InvalidField(f"{name}: each entry must be a {ndim}-d array" + (f" of width {width}" if width else ""))
-
-
-def _check_checkpoint(body: dict[str, Any]) -> None:
-    _check_str_list(body, "aliases")
-    if not body["path"]:
-        raise InvalidField("checkpoint path is empty")
-
-
-def _check_val_data(body: dict[str, Any]) -> None:
-    names = body["image_names"]
-    n = len(names)
-    _check_str_list(body, "image_names")
-    _check_str_list(body, "class_names")
-    _check_str_list(body, "image_paths")
-    if ("image_paths" in body) == ("image_bytes" in body):
-        raise InvalidField("val_data needs exactly one of image_paths or image_bytes")
-    images = body.get("image_paths", body.get("image_bytes"))
-    if len(images) != n:
-        raise InvalidField(f"{len(images)} images for {n} image names")
-    if "image_bytes" in body and not all(isinstance(b, bytes) for b in body["image_bytes"]):
-        raise InvalidField("image_bytes must be a list of bytes")
-    _check_arrays(body, "gt_boxes", n, 2, 4)
-    _check_arrays(body, "gt_labels", n, 1, None)
-    if "gt_masks" in body and len(body["gt_masks"]) != n:
-        raise InvalidField("gt_masks must have one entry per image")
-
-
-def _check_pred_batch(body: dict[str, Any]) -> None:
-    n = len(body["indices"])
-    if not all(type(i) is int and i >= 0 for i in body["indices"]):
-        raise InvalidField("indices must be non-negative integers")
-    _check_str_list(body, "aliases")
-    _check_arrays(body, "boxes", n, 2, 4)
-    _check_arrays(body, "scores", n, 1, None)
-    _check_arrays(body, "labels", n, 1, None)
-    if "masks" in body and len(body["masks"]) != n:
-        raise InvalidField("masks must have one entry per image")
-
-
-def _check_image(body: dict[str, Any]) -> None:
-    name, image = body["name"], body["image"]
-    if not 0 < len(name) <= MAX_KEY_LEN:
-        raise InvalidField(f"image name must be a string of 1..{MAX_KEY_LEN}")
-    if image.dtype != np.uint8 or not (
-        image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3, 4))
-    ) or 0 in image.shape:
-        raise InvalidField("image must be a non-empty uint8 array of shape (H, W) or (H, W, 1|3|4)")
-    step = body.get("step")
-    if step is not None and step < 0:
-        raise InvalidField("step must be >= 0")
-
-
-def _check_run_start(body: dict[str, Any]) -> None:
-    code = body.get("code")
-    if code is None:
-        return
-    if not isinstance(code.get("root"), str) or not code["root"]:
-        raise InvalidField("code.root must be a non-empty path")
-    for key in code:
-        if key not in ("root", "name", "program") or not isinstance(code[key], (str, type(None))):
-            raise InvalidField(f"code.{str(key)[:64]}: unexpected field or not a string")
-
-
-_VALIDATORS = {
-    Kind.RUN_START: _check_run_start,
-    Kind.METRICS: _check_metrics,
-    Kind.CHECKPOINT: _check_checkpoint,
-    Kind.VAL_DATA: _check_val_data,
-    Kind.PRED_BATCH: _check_pred_batch,
-    Kind.IMAGE: _check_image,
-}

@@ -18,13 +18,14 @@ MAX_FRAMES = 3
 MAX_BATCH = 1024
 
 #: Run ids become file names and wandb ids: keep them boring.
-RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 #: A client's incarnation token (random hex, one per SidecarClient): also part of journal records.
-INCARNATION_PATTERN = re.compile(r"^[0-9a-f]{8,32}$")
+INCARNATION_PATTERN = re.compile(r"^[0-9a-f]{8,32}\Z")
 MAX_KEY_LEN = 256
 MAX_STR_LEN = 64 * 1024
 MAX_CONTAINER_LEN = 1_000_000
 MAX_METRICS_PER_MESSAGE = 10_000
+#: Depth of free-form values (config, init_kwargs, metadata), counted from the body.
 MAX_NESTING = 32
 
 #: numpy dtypes allowed on the wire, by their ``dtype.str``-independent name.

@@ -36,6 +36,8 @@ import wandb
 from PIL import Image as PILImage
 from PIL import ImageOps
 
+from protocol import Counters
+
 log = logging.getLogger("sidecar.media")
 
 VAL_COLUMNS = ["image_name", "image"]
@@ -61,12 +63,8 @@ class MediaBuilder:
     def __init__(self, run: Any, guard: Any) -> None:
         self.run = run
         self.guard = guard
-        self.counters: dict[str, int] = {}
+        self.counters = Counters()
         self._val: _ValData | None = None
-
-    def _count(self, key: str, n: int = 1) -> None:
-        if n:
-            self.counters[key] = self.counters.get(key, 0) + n
 
     # ------------------------------------------------------------------------------- validation table
 
@@ -86,7 +84,7 @@ class MediaBuilder:
                 gt = self._gt_image(image, body["gt_boxes"][i], body["gt_labels"][i],
                                     polygons[i] if polygons is not None else None, class_labels, class_set)
             table.add_data(name, gt)
-        self._count("val_rows", len(body["image_names"]))
+        self.counters.add("val_rows", len(body["image_names"]))
 
         # Set before publishing: if the upload fails, prediction tables still work from memory.
         self._val = _ValData(class_labels, class_set, table)
@@ -96,7 +94,7 @@ class MediaBuilder:
         artifact = wandb.Artifact(body.get("artifact_name") or "val", type="dataset")
         artifact.add(table, table_name)
         self._val.table = self._publish_val(artifact, table, table_name)
-        self._count("val_tables")
+        self.counters.add("val_tables")
 
     def _publish_val(self, artifact: wandb.Artifact, table: wandb.Table, table_name: str) -> wandb.Table:
         """Log the artifact; return the table prediction rows should reference (see module docstring)."""
@@ -112,31 +110,31 @@ class MediaBuilder:
             log.warning("run %s: validation table logged but not readable back (%s: %s); prediction tables "
                         "will carry their own image copies", self.run.id, type(exc).__name__, exc)
         if ref is None:
-            self._count("val_reference_fallback")
+            self.counters.add("val_reference_fallback")
             return table
         return ref
 
     def _open_image(self, body: dict[str, Any], i: int) -> PILImage.Image | None:
         """The original image, RGB, EXIF orientation applied (as mmcv's cv2 loader does); None if unusable."""
-        if "image_bytes" in body:
-            source: Any = io.BytesIO(body["image_bytes"][i])
+        if "image_bytes" in body:  # bytes, or a uint8 array (large validation sets travel in the blob frame)
+            source: Any = io.BytesIO(memoryview(body["image_bytes"][i]))
             what = f"image_bytes[{i}] ({body['image_names'][i]})"
         else:
             raw = body["image_paths"][i]
             source = self.guard.check(raw)
             what = repr(raw)
             if source is None:
-                self._count("images_refused")
+                self.counters.add("images_refused")
                 log.error("run %s: image %s is outside the allowed roots; row without image", self.run.id, what)
                 return None
         try:
             with PILImage.open(source) as im:
                 return ImageOps.exif_transpose(im).convert("RGB")
         except FileNotFoundError:
-            self._count("images_missing")
+            self.counters.add("images_missing")
             log.error("run %s: image %s does not exist; row without image", self.run.id, what)
         except Exception as exc:  # PIL raises OSError, SyntaxError, DecompressionBombError...
-            self._count("images_unreadable")
+            self.counters.add("images_unreadable")
             log.error("run %s: image %s cannot be decoded (%s: %s); row without image",
                       self.run.id, what, type(exc).__name__, exc)
         return None
@@ -152,7 +150,7 @@ class MediaBuilder:
     ) -> wandb.Image:
         """The validation row's image with its ground truth boxes and per-class masks."""
         if len(boxes) != len(labels):
-            self._count("gt_malformed")
+            self.counters.add("gt_malformed")
             log.error("run %s: %d gt boxes for %d labels; image logged without ground truth",
                       self.run.id, len(boxes), len(labels))
             return wandb.Image(image, classes=class_set)
@@ -161,7 +159,7 @@ class MediaBuilder:
         masks = None
         if polygons is not None:
             if len(polygons) != len(keep):
-                self._count("masks_malformed")
+                self.counters.add("masks_malformed")
                 log.error("run %s: %d gt masks for %d boxes; masks dropped", self.run.id, len(polygons), len(keep))
             else:
                 masks = self._gt_masks([p for p, k in zip(polygons, keep) if k], labels, image, class_labels)
@@ -176,7 +174,7 @@ class MediaBuilder:
         try:
             instances = _polygon_rles(polygons, height, width)
         except (TypeError, ValueError) as exc:
-            self._count("masks_malformed")
+            self.counters.add("masks_malformed")
             log.error("run %s: gt masks are not COCO polygon lists (%s: %s); masks dropped",
                       self.run.id, type(exc).__name__, exc)
             return None
@@ -188,7 +186,7 @@ class MediaBuilder:
         """Log a ``run_<id>_pred`` evaluation artifact whose rows reuse the validation rows' images."""
         val = self._val
         if val is None:
-            self._count("pred_without_val")
+            self.counters.add("pred_without_val")
             log.error("run %s: prediction batch %s arrived with no validation table in memory (sidecar "
                       "restarted after it was logged?); not logged", self.run.id, body["tag"])
             return
@@ -198,24 +196,24 @@ class MediaBuilder:
         table = wandb.Table(columns=PRED_COLUMNS)
         for j, index in enumerate(body["indices"]):
             if index >= len(rows):
-                self._count("pred_index_out_of_range")
+                self.counters.add("pred_index_out_of_range")
                 log.error("run %s: prediction for row %d of a %d-row validation table; skipped",
                           self.run.id, index, len(rows))
                 continue
             name, gt = rows[index][0], rows[index][1]
             pred = None
             if gt is None:
-                self._count("pred_rows_without_image")
+                self.counters.add("pred_rows_without_image")
             else:
                 pred = self._pred_image(gt, body["boxes"][j], body["scores"][j], body["labels"][j],
                                         masks[j] if masks is not None else None, thr, val)
             table.add_data(name, gt, pred)
-            self._count("pred_rows")
+            self.counters.add("pred_rows")
 
         artifact = wandb.Artifact(f"run_{self.run.id}_pred", type="evaluation")
         artifact.add(table, "eval_data")
         self.run.log_artifact(artifact, aliases=list(body.get("aliases") or ["latest", body["tag"]]))
-        self._count("pred_tables")
+        self.counters.add("pred_tables")
 
     def _pred_image(
         self,
@@ -229,7 +227,7 @@ class MediaBuilder:
     ) -> wandb.Image:
         """A new image on the validation row's file, with the predictions above the threshold."""
         if not len(boxes) == len(scores) == len(labels):
-            self._count("pred_malformed")
+            self.counters.add("pred_malformed")
             log.error("run %s: %d boxes, %d scores, %d labels in one prediction; logged without predictions",
                       self.run.id, len(boxes), len(scores), len(labels))
             return wandb.Image(gt, classes=val.class_set)
@@ -240,7 +238,7 @@ class MediaBuilder:
         masks = None
         if rles is not None:
             if len(rles) != len(keep):
-                self._count("masks_malformed")
+                self.counters.add("masks_malformed")
                 log.error("run %s: %d predicted masks for %d boxes; masks dropped", self.run.id, len(rles), len(keep))
             else:
                 kept = [[r] if r is not None else [] for r, k in zip(rles, keep) if k]  # None: box without mask
@@ -255,7 +253,7 @@ class MediaBuilder:
         keep = (labels >= 0) & (labels < num_classes) & np.isfinite(boxes).all(axis=1)
         dropped = int(len(keep) - keep.sum())
         if dropped:
-            self._count("boxes_invalid", dropped)
+            self.counters.add("boxes_invalid", dropped)
             log.warning("run %s: %d boxes with an unknown class or non-finite coordinates dropped",
                         self.run.id, dropped)
         return keep
@@ -277,13 +275,13 @@ class MediaBuilder:
                 if not rles:
                     continue
                 if class_id > MAX_MASK_CLASS_ID:
-                    self._count("mask_classes_over_255")
+                    self.counters.add("mask_classes_over_255")
                     continue
                 mask = mask_util.decode(mask_util.merge(rles) if len(rles) > 1 else rles[0])
                 mask *= np.uint8(class_id)
                 layers[class_labels[class_id]] = {"mask_data": mask, "class_labels": class_labels}
         except Exception as exc:  # pycocotools raises bare Exception/TypeError/KeyError on bad RLEs
-            self._count("masks_malformed")
+            self.counters.add("masks_malformed")
             log.error("run %s: masks cannot be decoded (%s: %s); masks dropped", self.run.id, type(exc).__name__, exc)
             return None
         return layers

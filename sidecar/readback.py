@@ -54,14 +54,26 @@ class RunRecords:
         return [a for a in self.artifacts if a.name.startswith(prefix)]
 
 
-def _wandb_cli() -> str:
-    exe = Path(sys.executable).with_name("wandb")
-    return str(exe) if exe.exists() else shutil.which("wandb") or "wandb"
+def _inspect_command(run_file: Path) -> list[str]:
+    """``wandb leet inspect --json`` of one run file. ``wandb leet`` is a thin Python wrapper that starts
+    wandb-core with these arguments; calling wandb-core directly spares a Python start and ``import wandb``
+    (~1.5 s of CPU against ~20 ms), which matters when many runs finish at once. The wrapper is the fallback."""
+    try:
+        from wandb.util import get_core_path
+
+        return [get_core_path(), "leet", "inspect", "--no-observability", "--json", "--run-file", str(run_file),
+                str(run_file.parent.parent)]
+    except Exception:  # wandb-core not found this way (another wandb version): the CLI finds it
+        exe = Path(sys.executable).with_name("wandb")
+        cli = str(exe) if exe.exists() else shutil.which("wandb") or "wandb"
+        return [cli, "leet", "inspect", "--json", str(run_file)]
 
 
-def inspect(run_file: Path) -> list[dict[str, Any]]:
-    out = subprocess.run([_wandb_cli(), "leet", "inspect", "--json", str(run_file)], check=True,
-                         capture_output=True, text=True, env={**os.environ, "WANDB_SILENT": "true"})
+def inspect(run_file: Path, timeout: float | None = None) -> list[dict[str, Any]]:
+    """Every record of a run's ``.wandb`` file, as wandb's own reader prints them (one JSON object a line).
+    Raises ``subprocess.SubprocessError`` (the command failed or timed out) or ``ValueError`` (bad JSON)."""
+    out = subprocess.run(_inspect_command(Path(run_file)), check=True, capture_output=True, text=True,
+                         env={**os.environ, "WANDB_SILENT": "true"}, timeout=timeout)
     return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
 
 
@@ -93,14 +105,15 @@ def read_runs(wandb_dir: str | os.PathLike[str]) -> dict[str, RunRecords]:
     root = Path(wandb_dir)
     root = root / "wandb" if (root / "wandb").is_dir() else root
     runs: dict[str, RunRecords] = {}
-    for run_dir in sorted(root.glob("offline-run-*")):  # names start with the time: sorted = in order
-        run_id = run_dir.name.rsplit("-", 1)[-1]
+    # names start with the time, so sorted is in order. The run id is read from the run file's name, not the
+    # directory's: a directory made in the same second as an earlier one of the run is named "...-<id>-1".
+    for run_file in sorted(root.glob("offline-run-*/run-*.wandb"), key=lambda f: f.parent.name):
+        run_id = run_file.stem.removeprefix("run-")
         run = runs.setdefault(run_id, RunRecords(run_id))
-        run.dirs.append(run_dir)
-        for run_file in sorted(run_dir.glob("run-*.wandb")):
-            for rec in inspect(run_file):
-                run.records.append(rec)
-                _apply(run, rec)
+        run.dirs.append(run_file.parent)
+        for rec in inspect(run_file):
+            run.records.append(rec)
+            _apply(run, rec)
     return runs
 
 

@@ -27,6 +27,9 @@ log = logging.getLogger("sidecar.worker")
 
 _STOP = object()
 _IDLE_TICK = 1.0  # seconds an idle worker waits before looking at its journal again
+#: Seconds between delivery marks (status ``delivered``, the journal's delivered watermark): often enough
+#: that the lag shown is the real one, rarely enough that a run keeping up does not write a file per message.
+MARK_EVERY = 0.1
 #: Exit code given to a run whose trainer stopped sending heartbeats.
 LOST_EXIT_CODE = 255
 #: Tries of a checkpoint or table upload before it is skipped (and counted as ``failed_<kind>``). A retry
@@ -50,6 +53,7 @@ class RunWorker(threading.Thread):
         start: Message | None = None,
         replay: Callable[[], Iterable[Message]] | None = None,
         trimmer: JournalTrimmer | None = None,
+        delivery_gate: threading.Event | None = None,
     ) -> None:
         super().__init__(name=f"run-{run_id}", daemon=True)
         self.run_id = run_id
@@ -73,6 +77,17 @@ class RunWorker(threading.Thread):
         self._log_tail: WandbLogTail | None = None
         self._noted = 0
         self._last_mark = 0.0
+        self._mark_due = False  # delivered more than the last mark says
+        self._gate = delivery_gate  # set while delivery may run (the receiver clears it while it is busy)
+        #: What each kind does in wandb (run start and finish are the worker's own steps, see _apply).
+        self._apply_kind: dict[Kind, Callable[[Message], None]] = {
+            Kind.METRICS: self.sink.metrics,
+            Kind.CHECKPOINT: self.sink.checkpoint,
+            Kind.VAL_DATA: self.sink.val_data,
+            Kind.PRED_BATCH: self.sink.pred_batch,
+            Kind.IMAGE: self.sink.image,
+            Kind.CONFIG: self.sink.config,
+        }
 
     def submit(self, msg: Message) -> None:
         self.queue.put(msg)
@@ -101,19 +116,24 @@ class RunWorker(threading.Thread):
             for msg in self._replay():  # drained at SIGTERM too, as the queue is: it was queued first
                 self._apply_with_retry(msg)
                 self._note_for_trim()
-                if time.monotonic() - self._last_mark > 0.5:
+                if time.monotonic() - self._last_mark > MARK_EVERY:
                     self._mark_delivered()
             self._replay = None
         while True:
-            try:
-                item = self.queue.get(timeout=_IDLE_TICK)
+            try:  # a delivery mark still to write: wait at most until it is due
+                item = self.queue.get(timeout=MARK_EVERY if self._mark_due else _IDLE_TICK)
             except queue.Empty:  # idle: wandb may have written what it held since, so the journal can shrink
-                self._maybe_trim(self._delivery_mark())
+                if self._mark_due:
+                    self._mark_delivered()  # trims too
+                else:
+                    self._maybe_trim(self._delivery_mark())
                 continue
             if isinstance(item, tuple) and item[0] is _STOP:
                 self._finish(item[1])
             else:
                 assert isinstance(item, Message)
+                if self._gate is not None and not self._gate.is_set():
+                    self._gate.wait(1.0)  # ingest first (SidecarServer.delivery_gate); bounded, never stuck
                 self._apply_with_retry(item)
                 self._note_for_trim()
             if self.wandb_run_finished:
@@ -122,7 +142,8 @@ class RunWorker(threading.Thread):
                         self.thread_done = True
                         return
                 self.wandb_run_finished = False  # the trainer came back while its run was finishing: resume it
-            if self.queue.empty() or time.monotonic() - self._last_mark > 0.5:
+            self._mark_due = True
+            if time.monotonic() - self._last_mark > MARK_EVERY:
                 self._mark_delivered()
 
     def _apply_with_retry(self, msg: Message) -> None:
@@ -147,7 +168,7 @@ class RunWorker(threading.Thread):
                     msg.kind not in _ARTIFACT_KINDS or attempts >= ARTIFACT_ATTEMPTS or self._stopping.is_set())
                 if give_up:
                     log.error("run %s: %s (skipped after %d attempt(s))", self.run_id, self.last_error, attempts)
-                    self.sink._count(f"failed_{msg.kind}")
+                    self.sink.count(f"failed_{msg.kind}")
                     return
                 self.state = "retrying"
                 if self._stopping.is_set():  # only a run start gets here while stopping
@@ -163,12 +184,12 @@ class RunWorker(threading.Thread):
     def _apply(self, msg: Message) -> None:
         kind = msg.kind
         if self.state == "failed":
-            self.sink._count("skipped_init_failed")
+            self.sink.count("skipped_init_failed")
             self.delivered = max(self.delivered, msg.index)
             return
         if kind is Kind.RUN_START:
             self._start_msg = msg
-        if self.sink.run is None:  # first message, or after a finish the trainer came back from
+        if not self.sink.running:  # first message, or after a finish the trainer came back from
             if self._start_msg is None:
                 raise RuntimeError("message before run start")
             self.sink.start(self._start_msg)
@@ -178,25 +199,14 @@ class RunWorker(threading.Thread):
         if kind is not Kind.RUN_FINISH and self._already_in_wandb(msg):
             if kind is Kind.VAL_DATA:
                 self.sink.val_data(msg, publish=False)  # prediction tables still need it in memory
-            self.sink._count("replay_skipped")
+            self.sink.count("replay_skipped")
             self.delivered = max(self.delivered, msg.index)
             return
-        if kind is Kind.METRICS:
-            self.sink.metrics(msg)
-        elif kind is Kind.CHECKPOINT:
-            self.sink.checkpoint(msg)
-        elif kind is Kind.VAL_DATA:
-            self.sink.val_data(msg)
-        elif kind is Kind.PRED_BATCH:
-            self.sink.pred_batch(msg)
-        elif kind is Kind.IMAGE:
-            self.sink.image(msg)
-        elif kind is Kind.CONFIG:
-            self.sink.config(msg)
-        elif kind is Kind.RUN_FINISH:
+        if kind is Kind.RUN_FINISH:
             self.delivered = msg.index
             self._finish(msg.body["exit_code"])
             return
+        self._apply_kind[kind](msg)
         self.delivered = msg.index
 
     def _already_in_wandb(self, msg: Message) -> bool:
@@ -210,6 +220,7 @@ class RunWorker(threading.Thread):
         return held - 1 if held else self.delivered
 
     def _mark_delivered(self) -> None:
+        self._mark_due = False
         mark = self._delivery_mark()
         self._last_mark = time.monotonic()
         self.on_delivered(self.run_id, mark)
@@ -231,9 +242,9 @@ class RunWorker(threading.Thread):
     def _finish(self, exit_code: int | None) -> None:
         missing = ""
         try:
-            if self.sink.run is not None:
+            if self.sink.running:
                 if exit_code == LOST_EXIT_CODE:
-                    self.sink.run.summary["sidecar/trainer_lost"] = True
+                    self.sink.mark_trainer_lost()
                 missing = self.sink.finish(0 if exit_code is None else exit_code)
         except Exception as exc:
             self.last_error = f"finish: {type(exc).__name__}: {exc}"

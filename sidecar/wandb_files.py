@@ -13,9 +13,10 @@ import json
 import logging
 import os
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .readback import inspect
 
 log = logging.getLogger("sidecar.wandb_files")
 
@@ -41,20 +42,14 @@ def wandb_root(init_dir: str | None) -> Path:
     return base / ".wandb" if (base / ".wandb").is_dir() else base / "wandb"
 
 
-def _wandb_cli() -> str:
-    exe = Path(sys.executable).with_name("wandb")
-    return str(exe) if exe.exists() else "wandb"
-
-
 def _scan(run_file: Path) -> dict:
-    out = subprocess.run([_wandb_cli(), "leet", "inspect", "--json", str(run_file)], capture_output=True,
-                         text=True, timeout=600)
     max_step, artifacts = -1, []
-    for line in out.stdout.splitlines():
-        if '"type":"history"' in line:
-            max_step = max(max_step, int(json.loads(line)["history"]["step"].get("num", 0)))
-        elif '"type":"artifact"' in line:
-            art = json.loads(line)["artifact"]
+    for rec in inspect(run_file, timeout=600):
+        kind = rec.get("type")
+        if kind == "history":
+            max_step = max(max_step, int(rec["history"]["step"].get("num", 0)))
+        elif kind == "artifact":
+            art = rec["artifact"]
             artifacts.append([art["name"], list(art.get("aliases", []))])
     return {"max_step": max_step, "artifacts": artifacts}
 
@@ -66,7 +61,9 @@ def persisted(root: Path, run_id: str, cache_file: Path, exclude: str = "") -> P
     except (OSError, ValueError):
         cache = {}
     out = Persisted()
-    for run_file in sorted(root.glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")):
+    # by the run file's name: a directory made in the same second as the run's previous one (a quick restart)
+    # is named "offline-run-<time>-<id>-1"
+    for run_file in sorted(root.glob(f"offline-run-*/run-{run_id}.wandb"), key=lambda f: f.parent.name):
         key = run_file.parent.name
         if key == exclude:
             continue

@@ -1,8 +1,6 @@
 """The only place that talks to wandb: one ``WandbSink`` per trainer run, driven by its ``RunWorker``.
 
-Metrics of the same step are coalesced into one ``run.log`` call (wandb calls cost ~0.1-1 ms each). The
-row of the newest step is held open until a later step arrives or the run ends, as wandb itself does
-with explicit steps, so a validation log at the training step's number joins that row. Images
+Metrics of the same step are coalesced into one ``run.log`` call (:mod:`sidecar.step_rows`). Images
 (``Kind.IMAGE``) join rows the same way; several images of one name in one step become one list.
 """
 
@@ -17,11 +15,12 @@ from typing import Any
 
 import wandb
 
-from protocol import Kind, Message
+from protocol import Counters, Kind, Message
 from protocol.limits import SPOOL_DIR_NAME
 
 from .media import MediaBuilder
 from .paths import FileGuard
+from .step_rows import Row, StepRows
 from .wandb_files import Persisted, persisted, wandb_root
 
 log = logging.getLogger("sidecar.wandb")
@@ -39,22 +38,35 @@ class WandbSink:
         self.guard = file_guard
         self.state_dir = state_dir
         self.persisted = Persisted()  # what wandb's files of earlier run directories hold (resume)
-        self.last_step_logged = -1  # highest explicit step handed to run.log (checked at finish)
         self._init_dir: str | None = None
         self.run: Any = None
-        self.pending_step: int | None = None
-        self.pending_row: dict[str, Any] = {}
-        self.pending_first_index = 0
-        self.counters: dict[str, int] = {}
+        self.rows = StepRows()
+        self.counters = Counters()
         self.media: MediaBuilder | None = None
         self._handed_index = -1  # the message whose artifact wandb took last: a retry of it must not log it again
 
-    def _count(self, key: str, n: int = 1) -> None:
-        self.counters[key] = self.counters.get(key, 0) + n
+    @property
+    def running(self) -> bool:
+        """A wandb run is open (started, not finished)."""
+        return self.run is not None
+
+    def count(self, key: str, n: int = 1) -> None:
+        """Count an event in this run's status counters (``failed_<kind>``, ``replay_skipped`` …)."""
+        self.counters.add(key, n)
 
     def all_counters(self) -> dict[str, int]:
         """Sink and media counters together, for status."""
         return {**self.counters, **(self.media.counters if self.media is not None else {})}
+
+    @property
+    def last_step_logged(self) -> int:
+        """Highest explicit step handed to ``run.log`` (-1: none)."""
+        return self.rows.last_step_logged
+
+    def mark_trainer_lost(self) -> None:
+        """Say in the run's summary that its trainer stopped answering (before finishing it)."""
+        if self.run is not None:
+            self.run.summary["sidecar/trainer_lost"] = True
 
     # ------------------------------------------------------------------------------- run life
 
@@ -65,7 +77,7 @@ class WandbSink:
         init["id"] = self.run_id
         if init.get("mode") == "online" and os.environ.get("WANDB_MODE") in ("offline", "dryrun"):
             init["mode"] = "offline"  # the operator's offline sidecar stays offline whatever a trainer asks
-            self._count("mode_kept_offline")
+            self.count("mode_kept_offline")
         settings = init.pop("settings", None)
         settings = wandb.Settings(**settings) if isinstance(settings, dict) else wandb.Settings()
         settings.console = "off"
@@ -95,7 +107,7 @@ class WandbSink:
         try:
             call(*args, **kwargs)
         except Exception as exc:  # wandb raises anything (ValueError for a base_path that is no parent...)
-            self._count(f"failed_{what}")
+            self.count(f"failed_{what}")
             log.error("run %s: %s %r failed: %s: %s", self.run_id, what, args or kwargs, type(exc).__name__, exc)
 
     def _find_persisted_steps(self, init_dir: str | None) -> None:
@@ -129,11 +141,11 @@ class WandbSink:
     def _save_file(self, f: dict[str, str]) -> None:
         path = self.guard.check(f.get("path", ""))
         if path is None:
-            self._count("file_refused")
+            self.count("file_refused")
             log.error("run %s: file to save %r is outside the allowed roots; not saved", self.run_id, f.get("path"))
             return
         if not path.is_file():
-            self._count("file_missing")
+            self.count("file_missing")
             log.warning("run %s: file to save %s is missing", self.run_id, path)
             return
         self.run.save(str(path), base_path=f.get("base_path") or str(path.parent), policy="now")
@@ -145,7 +157,7 @@ class WandbSink:
         default artifact name is wandb's own, from the trainer's program rather than the sidecar's."""
         root = self.guard.check(code.get("root") or "")
         if root is None or not root.is_dir():
-            self._count("code_refused" if root is None else "code_missing")
+            self.count("code_refused" if root is None else "code_missing")
             log.error("run %s: code root %r is outside the allowed roots or not a directory; code not logged",
                       self.run_id, code.get("root"))
             return
@@ -162,7 +174,7 @@ class WandbSink:
         try:
             self.run.log_code(str(root), name=name, include_fn=include)
         except Exception as exc:  # an unreadable tree costs the code artifact, not the run
-            self._count("failed_code")
+            self.count("failed_code")
             log.error("run %s: log_code of %s failed: %s: %s", self.run_id, root, type(exc).__name__, exc)
 
     def config(self, msg: Message) -> None:
@@ -179,18 +191,19 @@ class WandbSink:
         offline = self.run.offline
         self.run.finish(exit_code=exit_code)
         self.run = None
-        if not offline or self.state_dir is None or self.last_step_logged < 0:
+        last = self.rows.last_step_logged
+        if not offline or self.state_dir is None or last < 0:
             return ""
         held = persisted(wandb_root(self._init_dir), self.run_id, self.state_dir / f"{self.run_id}.wandb-files.json")
-        if held.max_step < self.last_step_logged:
-            return f"wandb's files end at step {held.max_step} but step {self.last_step_logged} was logged"
+        if held.max_step < last:
+            return f"wandb's files end at step {held.max_step} but step {last} was logged"
         return ""
 
     # ------------------------------------------------------------------------------- metrics
 
     def metrics(self, msg: Message) -> None:
         body = msg.body
-        self._log_row(body["data"], body.get("step"), body.get("commit", True), msg.index)
+        self._log_rows(self.rows.add(body["data"], body.get("step"), body.get("commit", True), msg.index))
 
     def image(self, msg: Message) -> None:
         """An image joins its step's row like metrics (``wandb.Image`` encodes it when the row is logged)."""
@@ -200,43 +213,30 @@ class WandbSink:
             image = image[:, :, 0]
         name, step, commit = body["name"], body.get("step"), body.get("commit", True)
         value: Any = wandb.Image(image)
-        held = self.pending_row.get(name) if step is not None and step == self.pending_step and commit else None
+        held = self.rows.held(name, step, commit)
         if isinstance(held, (wandb.Image, list)):  # several images of one name in one step: keep them all
             value = [*(held if isinstance(held, list) else [held]), value]
-        self._log_row({name: value}, step, commit, msg.index)
-        self._count("images")
+        self._log_rows(self.rows.add({name: value}, step, commit, msg.index))
+        self.count("images")
 
-    def _log_row(self, data: dict[str, Any], step: int | None, commit: bool, index: int) -> None:
-        """Coalesce everything of one step into one ``run.log`` (see the module docstring)."""
-        if step is None or commit is False:
-            self.flush_metrics()
-            self.run.log(data, step=step, commit=commit)
-            self._count("log_calls")
-            return
-        if self.pending_step is None or step > self.pending_step:
-            self.flush_metrics()
-            self.pending_step = step
-            self.pending_first_index = index
-            self.pending_row = dict(data)
-        elif step == self.pending_step:
-            self.pending_row.update(data)
-        else:
-            self._count("late_step")
-            log.warning("run %s: step %d arrived after step %d was logged; wandb drops it",
-                        self.run_id, step, self.pending_step)
-            self.run.log(data, step=step)
+    def _log_rows(self, rows: list[Row]) -> None:
+        for row in rows:
+            if row.late:
+                self.count("late_step")
+                log.warning("run %s: step %d arrived after step %d was logged; wandb drops it",
+                            self.run_id, row.step, self.rows.step)
+                self.run.log(row.data, step=row.step)
+                continue
+            self.run.log(row.data, step=row.step, commit=row.commit)
+            self.count("log_calls")
 
     def flush_metrics(self) -> None:
-        if self.pending_step is not None and self.pending_row:
-            self.run.log(self.pending_row, step=self.pending_step)
-            self.last_step_logged = max(self.last_step_logged, self.pending_step)
-            self._count("log_calls")
-        self.pending_row = {}
-        self.pending_first_index = 0
+        """Log the open row (the run is ending)."""
+        self._log_rows(self.rows.flush())
 
     def undelivered_from(self) -> int:
         """First journal index only held in the open row (0 when none)."""
-        return self.pending_first_index
+        return self.rows.undelivered_from()
 
     # ------------------------------------------------------------------------------- artifacts
 
@@ -246,13 +246,13 @@ class WandbSink:
         body = msg.body
         path = self.guard.check(body["path"])
         if path is None:
-            self._count("checkpoint_refused")
+            self.count("checkpoint_refused")
             log.error("run %s: checkpoint %r is outside the allowed roots %s; not uploaded", self.run_id,
                       body["path"], [str(r) for r in self.guard.roots])
             return
         if msg.index != self._handed_index:
             if not path.is_file():
-                self._count("checkpoint_missing")
+                self.count("checkpoint_missing")
                 log.error("run %s: checkpoint %s does not exist; nothing to upload", self.run_id, path)
                 return
             self._upload_checkpoint(body, path)
@@ -278,7 +278,7 @@ class WandbSink:
         log.info("run %s: checkpoint %s (%.1f MB) handed to wandb as %s %s in %.2f s (%.0f MB/s)", self.run_id,
                  file_name, size / 1e6, name, aliases, took, size / 1e6 / max(took, 1e-6),
                  extra={**where, "seconds": round(took, 3)})
-        self._count("checkpoints")
+        self.count("checkpoints")
 
     def _release_spooled(self, path: Path) -> None:
         """Remove the spool hardlink (add_file staged a copy). Removing it needs write permission on the
@@ -287,7 +287,7 @@ class WandbSink:
         try:
             path.unlink(missing_ok=True)
         except OSError as exc:
-            self._count("spool_unlink_failed")
+            self.count("spool_unlink_failed")
             try:
                 st = path.parent.stat()
                 owner = f"owner uid {st.st_uid} gid {st.st_gid}, mode {stat.S_IMODE(st.st_mode):o}"

@@ -54,6 +54,10 @@ class SidecarProcess:
             "WANDB_SILENT": "true",
             **(env or {}),
         }
+        # A process that ran wandb itself (a test's in-process run) exports its wandb-core service here;
+        # a sidecar inheriting it would share that service, and a SIGKILLed sidecar's runs would stay "in
+        # use" there. Each sidecar starts its own, as in production.
+        self.env.pop("WANDB_SERVICE", None)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, wait: bool = True) -> "SidecarProcess":

@@ -158,3 +158,75 @@ def test_split_of_any_bytes_yields_or_raises_protocol_error(frames: list[bytes])
             assert message[0] is not None and len(message) == 1 + header.nbody
     except ProtocolError:
         pass
+
+
+def test_free_form_values_are_bounded_in_depth_and_length() -> None:
+    from protocol.limits import MAX_NESTING, MAX_STR_LEN
+
+    def nested(depth: int) -> dict:
+        value: dict = {}
+        for _ in range(depth - 1):
+            value = {"x": value}
+        return value
+
+    ok = encode(Kind.CONFIG, "r", 3, 0.0, {"config": nested(MAX_NESTING)}, incarnation="0123abcd")
+    assert decode(ok).body["config"] == nested(MAX_NESTING)
+    for config in (nested(MAX_NESTING + 1), nested(600), {"a": "x" * (MAX_STR_LEN + 1)}):
+        with pytest.raises(LimitExceeded):
+            decode(encode(Kind.CONFIG, "r", 3, 0.0, {"config": config}, incarnation="0123abcd"))
+    body = b"\x81\xa6config\x81\xa1a" + b"\x91" * 5000 + b"\x90"  # deeper than msgspec's own recursion limit
+    with pytest.raises(LimitExceeded):
+        decode([encode(Kind.CONFIG, "r", 3, 0.0, {"config": {}}, incarnation="0123abcd")[0], body])
+    with pytest.raises(LimitExceeded):  # a metric key longer than the limit
+        decode(encode(Kind.METRICS, "r", 3, 0.0, {"data": {"k" * 300: 1.0}}, incarnation="0123abcd"))
+    with pytest.raises(InvalidField):  # non-string keys in a free-form tree
+        decode(encode(Kind.CONFIG, "r", 3, 0.0, {"config": {"a": {1: 2}}}, incarnation="0123abcd"))
+
+
+def test_decoded_body_reads_like_the_dict_it_was_sent_as_and_re_encodes_the_same() -> None:
+    sent = {"init_kwargs": {"project": "p"}, "code": {"root": "/w", "program": "train.py"}, "client": {"pid": 1}}
+    body = decode(encode(Kind.RUN_START, "r", 1, 0.0, sent, incarnation="0123abcd")).body
+    assert body["init_kwargs"] == {"project": "p"} and body.get("config") is None and body.get("files", []) == []
+    assert "code" in body and "config" not in body and sorted(body) == ["client", "code", "init_kwargs"]
+    assert body["code"].get("root") == "/w" and body["code"].get("name") is None and body == sent
+    with pytest.raises(KeyError):
+        body["config"]
+    again = decode(encode(Kind.RUN_START, "r", 1, 0.0, body, incarnation="0123abcd")).body  # the sidecar does this
+    assert again == body and again.to_dict() == sent
+    metrics = decode(encode(Kind.METRICS, "r", 2, 0.0, {"data": {"a": 1}}, incarnation="0123abcd")).body
+    assert metrics.get("step") is None and metrics.get("commit", True) is True
+
+
+def test_image_bytes_travel_as_uint8_arrays_in_the_blob() -> None:
+    files = [bytes(range(256)) * 3, b"\xff\xd8jpeg"]
+    body = {"class_names": ["a"], "image_names": ["x.png", "y.jpg"],
+            "image_bytes": [np.frombuffer(f, np.uint8) for f in files],
+            "gt_boxes": [np.zeros((0, 4), np.float32)] * 2, "gt_labels": [np.zeros(0, np.int64)] * 2}
+    frames = encode(Kind.VAL_DATA, "r", 2, 0.0, body, incarnation="0123abcd")
+    assert len(frames[1]) < 200 and len(frames[2]) == sum(map(len, files))  # the files are in the blob
+    out = decode(frames).body
+    assert [a.tobytes() for a in out["image_bytes"]] == files
+    body["image_bytes"] = [np.zeros((2, 2), np.uint8), np.zeros(3, np.uint8)]  # not a 1-d byte array
+    with pytest.raises(InvalidField):
+        decode(encode(Kind.VAL_DATA, "r", 2, 0.0, body, incarnation="0123abcd"))
+
+
+def test_header_round_trip_and_trailing_newline_in_run_id_refused() -> None:
+    from protocol import decode_header, encode_header
+
+    h = decode_header(encode_header(Kind.METRICS, "run-1", 5, 1.5, 2, "0123abcd"))
+    assert (h.version, h.kind, h.run_id, h.seq, h.time, h.nbody, h.incarnation) == (2, Kind.METRICS, "run-1", 5, 1.5, 2,
+                                                                                    "0123abcd")
+    assert h.kind is Kind.METRICS
+    with pytest.raises(InvalidField):
+        decode_header(msgpack.packb([2, "metrics", "run\n", 1, 0.0, 1, "0123abcd"]))
+    with pytest.raises(InvalidField):
+        decode_header(msgpack.packb([2, "metrics", "run", 1, math.inf, 1, "0123abcd"]))
+
+
+def test_invalid_utf8_in_a_string_is_a_malformed_frame() -> None:
+    header = msgpack.packb([2, "metrics", "r", 1, 0.0, 1, "0123abcd"])
+    with pytest.raises(MalformedFrame):
+        decode([header.replace(b"\xa1r", b"\xa1\xff"), msgpack.packb({"data": {}})])
+    with pytest.raises(MalformedFrame):
+        decode([header, b"\x81\xa4data\x81\xa2\xc3\x28\x01"])  # a metric key that is not UTF-8

@@ -250,7 +250,7 @@ class SidecarClient:
             log.error("wandb sidecar client: spill %s has no readable run start; left on disk", owner.directory)
             owner.release()
             return None
-        body = decode_body(Header(PROTOCOL_VERSION, Kind.RUN_START, "x", 1, 0.0, len(start.frames)), start.frames).body
+        body = decode_body(Header(PROTOCOL_VERSION, Kind.RUN_START, "x", 1, 0.0, len(start.frames), ""), start.frames).body
         init = dict(body["init_kwargs"])
         if init.get("resume") != "must":
             init["resume"] = "allow"  # the run may exist already: resume it, never start it over
