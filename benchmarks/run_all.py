@@ -15,6 +15,8 @@
    MessagePack PUSH/PULL floor measured beside it
 8. a node's sweep: 16 (and 32) trainers at 100 steps/s into one sidecar: lag, finish spread, RSS
 9. figure 4 without mmcv (torchvision Mask R-CNN, three modes): on a GPU at full size, else at its CPU size
+10. soak: one run open for 2,000,000 metric messages, the sidecar SIGKILLed twice: exactly once, the open
+    run's journal and the sidecar's RSS bounded (``benchmarks/soak.py``)
 
 Medians and p99 of per-call samples; ratios of medians. Machines are noisy: compare within one run.
 """
@@ -447,10 +449,24 @@ def fig9_torch_detection(tmp: Path) -> None:
 # ------------------------------------------------------------------------------------------ main
 
 
+def fig10_soak(tmp: Path, messages: int) -> None:
+    from benchmarks.soak import GOAL_JOURNAL, GOAL_RSS_GROWTH, soak
+
+    r = soak(tmp / "f10", messages)
+    RESULTS["10_soak"] = r
+    ROWS.append(["10", f"soak: {messages:,} msgs, sidecar SIGKILLed x{r['sidecar_kills']}: every step once",
+                 "yes" if r["exactly_once"] else "NO", "-", "-", "exactly once"])
+    ROWS.append(["10", "  open run's journal at the end (max during the stream)",
+                 f"{r['journal_bytes_end'] / 1e6:.1f} MB ({r['journal_bytes_max'] / 1e6:.0f} MB)", "-", "-",
+                 f"< {GOAL_JOURNAL / 2**20:.0f} MiB"])
+    ROWS.append(["10", "  sidecar RSS at the end minus at 10 %", f"{r['rss_growth'] / 1e6:+.0f} MB", "-", "-",
+                 f"≤ {GOAL_RSS_GROWTH / 2**20:.0f} MiB"])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
-    p.add_argument("--only", default="1,2,3,4,5,6,7,8,9")
+    p.add_argument("--only", default="1,2,3,4,5,6,7,8,9,10")
     p.add_argument("--out", default="bench-out/results.json")
     a = p.parse_args()
     only = {int(x) for x in a.only.split(",")}
@@ -467,6 +483,7 @@ def main() -> None:
             (7, lambda: fig7_ingest(tmp, 20_000 if q else 200_000, 1 if q else 3)),
             (8, lambda: fig8_sweep(5.0 if q else 20.0, (4,) if q else (16, 32))),
             (9, lambda: fig9_torch_detection(tmp)),
+            (10, lambda: fig10_soak(tmp, 200_000 if q else 2_000_000)),
         ]
         for n, fn in steps:
             if n in only:
