@@ -199,6 +199,8 @@ class RunWorker(threading.Thread):
         if kind is not Kind.RUN_FINISH and self._already_in_wandb(msg):
             if kind is Kind.VAL_DATA:
                 self.sink.val_data(msg, publish=False)  # prediction tables still need it in memory
+            elif kind is Kind.CHECKPOINT:
+                self.sink.release_replayed(msg)
             self.sink.count("replay_skipped")
             self.delivered = max(self.delivered, msg.index)
             return
@@ -237,6 +239,8 @@ class RunWorker(threading.Thread):
             return
         if self._log_tail is None or self._log_tail.path != live_run_file(run.dir, self.run_id):
             self._log_tail = WandbLogTail(live_run_file(run.dir, self.run_id))
+        if self.sink.spool_links:
+            self.sink.release_spool_links(self._log_tail.max_step())
         self.trimmer.maybe_trim(mark, self.sink.last_step_logged, run.offline, self._log_tail.max_step)
 
     def _finish(self, exit_code: int | None) -> None:

@@ -44,6 +44,9 @@ class WandbSink:
         self.counters = Counters()
         self.media: MediaBuilder | None = None
         self._handed_index = -1  # the message whose artifact wandb took last: a retry of it must not log it again
+        #: offline: spool links of uploaded checkpoints, freed once wandb's files show a step at least this
+        #: high (the artifact was handed to wandb before any such row, and wandb writes in order)
+        self.spool_links: list[tuple[int, Path]] = []
 
     @property
     def running(self) -> bool:
@@ -196,7 +199,8 @@ class WandbSink:
             return ""
         held = persisted(wandb_root(self._init_dir), self.run_id, self.state_dir / f"{self.run_id}.wandb-files.json")
         if held.max_step < last:
-            return f"wandb's files end at step {held.max_step} but step {last} was logged"
+            return f"wandb's files end at step {held.max_step} but step {last} was logged"  # links kept: replay
+        self.release_spool_links()
         return ""
 
     # ------------------------------------------------------------------------------- metrics
@@ -258,6 +262,26 @@ class WandbSink:
             self._upload_checkpoint(body, path)
             self._handed_index = msg.index
         if body.get("spooled") and path.parent.name == SPOOL_DIR_NAME:
+            if self.run.offline:  # the journal may need the file again until wandb's files hold the artifact
+                self.spool_links.append((self.rows.last_step_logged + 1, path))
+            else:
+                self._release_spooled(path)
+
+    def release_spool_links(self, persisted_step: int | None = None) -> None:
+        """Free the spool links whose artifact wandb's files hold (``persisted_step``: the highest step in them;
+        None: all of them, wandb has finished the run)."""
+        keep = []
+        for threshold, path in self.spool_links:
+            if persisted_step is None or threshold <= persisted_step:
+                self._release_spooled(path)
+            else:
+                keep.append((threshold, path))
+        self.spool_links = keep
+
+    def release_replayed(self, msg: Message) -> None:
+        """A replayed checkpoint that wandb's files already hold: its spool link has done its job."""
+        path = self.guard.check(msg.body["path"])
+        if msg.body.get("spooled") and path is not None and path.parent.name == SPOOL_DIR_NAME:
             self._release_spooled(path)
 
     def _upload_checkpoint(self, body: dict[str, Any], path: Path) -> None:

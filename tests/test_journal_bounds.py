@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 from pathlib import Path
+
+from protocol.limits import SPOOL_DIR_NAME
 
 from sidecar.journal import Journal
 from sidecar.readback import read_runs
@@ -63,3 +68,38 @@ def test_trim_keeps_the_last_record_for_a_restart(tmp_path: Path) -> None:
     journal.write_batch([("r", i, [b"m%d" % i]) for i in range(1, 6)])
     assert journal.trim("r", 5) > 0
     assert [i for i, _ in journal.replay("r")] == [5]
+
+
+def _kill_with_its_wandb_service(sidecar: SidecarProcess) -> None:
+    """What ``kill -9`` of a container's main process does: the sidecar and its wandb service die at once."""
+    children = subprocess.run(["pgrep", "-P", str(sidecar.proc.pid)], capture_output=True, text=True).stdout.split()
+    for pid in children:
+        os.kill(int(pid), signal.SIGKILL)
+    sidecar.kill()
+
+
+def test_a_spool_link_stays_until_wandbs_files_hold_its_artifact(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    sidecar = SidecarProcess(tmp_path).start()
+    client = SidecarClient(sidecar.addr, init_kwargs={"project": "spool"}, run_id="spoolkeep")
+    _log_steps(client, range(10))
+    ckpt = work / "epoch_1.pth"
+    ckpt.write_bytes(b"weights" * 10_000)
+    client.log_checkpoint(ckpt, aliases=["epoch_1", "latest"])
+    assert client.flush(60)
+    sidecar.wait_for(lambda s: s["runs"]["spoolkeep"]["wandb"].get("checkpoints") == 1)
+    _kill_with_its_wandb_service(sidecar)
+    spool = work / SPOOL_DIR_NAME
+    assert len(list(spool.iterdir())) == 1  # wandb may not have written the artifact: the journal needs the file
+    ckpt.unlink()  # max_keep_ckpts removes the original
+    with SidecarProcess(tmp_path, port=sidecar.port) as sidecar:
+        _log_steps(client, range(10, 20))
+        assert client.finish(timeout=120)
+        sidecar.wait_for(lambda s: s["runs"]["spoolkeep"]["state"] == "finished", timeout=600)
+        assert "checkpoint_missing" not in sidecar.status()["runs"]["spoolkeep"]["wandb"]
+        assert sidecar.stop() == 0
+    run = read_runs(sidecar.wandb_dir)["spoolkeep"]
+    assert run.steps() == list(range(20))
+    assert [sorted(a.aliases) for a in run.artifacts_named("run_spoolkeep_model")] == [["epoch_1", "latest"]]
+    assert list(spool.iterdir()) == []  # freed once wandb held it
