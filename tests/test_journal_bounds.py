@@ -103,3 +103,16 @@ def test_a_spool_link_stays_until_wandbs_files_hold_its_artifact(tmp_path: Path)
     assert run.steps() == list(range(20))
     assert [sorted(a.aliases) for a in run.artifacts_named("run_spoolkeep_model")] == [["epoch_1", "latest"]]
     assert list(spool.iterdir()) == []  # freed once wandb held it
+
+
+def test_finished_runs_are_forgotten_after_their_retention(tmp_path: Path) -> None:
+    with SidecarProcess(tmp_path, "--retention", "2") as sidecar:
+        client = SidecarClient(sidecar.addr, init_kwargs={"project": "retention"}, run_id="brief1")
+        _log_steps(client, range(5))
+        assert client.finish(timeout=60)
+        sidecar.wait_for(lambda s: s["runs"].get("brief1", {}).get("state") == "finished")
+        assert any(p.name.startswith("brief1.") for p in sidecar.journal.iterdir())
+        sidecar.wait_for(lambda s: "brief1" not in s["runs"], timeout=60)  # status and metrics forget it
+        assert not any(p.name.startswith("brief1.") for p in sidecar.journal.iterdir())
+        assert sidecar.stop() == 0
+    assert read_runs(sidecar.wandb_dir)["brief1"].steps() == list(range(5))  # wandb's run stays, of course

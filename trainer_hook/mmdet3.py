@@ -59,12 +59,13 @@ from mmengine.registry import HOOKS, VISBACKENDS
 from mmengine.runner import BaseLoop, IterBasedTrainLoop
 from mmengine.visualization.vis_backend import BaseVisBackend
 
-from protocol import DEFAULT_ADDR, Kind
+from protocol import DEFAULT_ADDR, Counters, Kind
 from protocol.limits import MAX_KEY_LEN, MAX_STR_LEN
 
 from .client import SidecarClient
 from .detections import OrderedWorker, encode_masks, eval_image_indices, finish_run, polygon_masks
 from .val_data import val_data_body
+from .warn_once import WarnOnce
 
 if TYPE_CHECKING:
     from mmengine.runner import Runner
@@ -129,8 +130,8 @@ class SidecarVisBackend(BaseVisBackend):
         self._last_step = 0
         self._train_keys: set[str] = set()  # scalar keys training logged (a validation must not replace them)
         self._drains: list[Callable[[float], Any]] = []
-        self._warned: set[str] = set()
-        self.counters: dict[str, int] = {}
+        self._warnings = WarnOnce(log)
+        self.counters = Counters()
 
     # -- the run
 
@@ -262,12 +263,10 @@ class SidecarVisBackend(BaseVisBackend):
         return True
 
     def _count(self, key: str) -> None:
-        self.counters[key] = self.counters.get(key, 0) + 1
+        self.counters.add(key)
 
     def _warn_once(self, key: str, message: str, *args: Any) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            log.warning(message, *args)
+        self._warnings.warn(key, message, *args)
 
 
 # ------------------------------------------------------------------------------------ hook

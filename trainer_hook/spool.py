@@ -34,10 +34,10 @@ def spool_dir_for(path: str | os.PathLike[str]) -> Path:
     return spool_dir
 
 
-def spool_checkpoint(path: str, run_id: str, seq_hint: int) -> str:
+def spool_checkpoint(path: str, run_id: str, order: int) -> str:
     """Hardlink (or copy) ``path`` into the spool; return the spooled path. Raises OSError if unreadable."""
     src = Path(path)
-    dst = spool_dir_for(src) / f"{run_id}-{seq_hint}-{src.name}"
+    dst = spool_dir_for(src) / f"{run_id}-{order}-{src.name}"
     if dst.exists():
         dst.unlink()
     try:
