@@ -35,7 +35,13 @@ def _run(script: str, *args: str, env: dict[str, str] | None = None,
 
 
 def _segment_bytes(directory: Path) -> int:
-    return sum(p.stat().st_size for p in directory.rglob("*.seg") if p.exists())
+    """Bytes in spill segments: one whole walk (segments are deleted and directories renamed as we look;
+    a walk that meets that is done again, so a sample is never a partial sum)."""
+    while True:
+        try:
+            return sum(p.stat().st_size for p in directory.rglob("*.seg"))
+        except FileNotFoundError:
+            continue
 
 
 # ----------------------------------------------------------------------------------------------- memory
