@@ -39,6 +39,7 @@ def status_report(server: "SidecarServer") -> dict[str, Any]:
             "project": (start.get("init_kwargs") or {}).get("project"),
             "client": {"host": client.get("host"), "pid": client.get("pid")} if client else {},
             "queue": w.queue.qsize() if w is not None else 0,
+            "journal_trimmed_bytes": w.trimmer.trimmed_bytes if w is not None and w.trimmer is not None else 0,
             "last_seen_s": round(now - st.last_seen, 1),
             "wandb": w.sink.all_counters() if w is not None else {},
             "last_error": (w.last_error if w is not None else st.refused_detail)[:_ERROR_CHARS],

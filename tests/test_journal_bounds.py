@@ -40,6 +40,7 @@ def test_an_open_runs_journal_is_trimmed_once_wandb_holds_it(tmp_path: Path) -> 
         assert client.flush(60)
         status = sidecar.wait_for(lambda s: _journal_bytes(sidecar, "trim1") < untrimmed / 4, timeout=120)
         assert status["runs"]["trim1"]["state"] == "active"
+        assert status["runs"]["trim1"]["journal_trimmed_bytes"] > 0
         sidecar.kill()  # after a trim: what the journal no longer has must be in wandb's files already
     with SidecarProcess(tmp_path, "--journal-trim-bytes", "100000", port=sidecar.port) as sidecar:
         _log_steps(client, range(23_000, 23_100))
