@@ -7,20 +7,26 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV3=${VENV3:-.venv3}
+# The CPU build of torch that lies on this machine's disk (pip's find-links): ~0.9 GB in the venv where
+# PyPI's CUDA build takes 5.5 GB. The 3.x stack imports no torchvision, so it needs no torchvision build
+# that matches (PyPI's torchvision cannot load beside the CPU torch).
 TORCH=2.13.0
-TORCHVISION=0.28.0
 # The compiled mmcv wheel is kept here, per torch version (its ops link against torch), so a second setup
 # (or a fresh venv) skips the ~10 min compile.
-WHEELS=${MMCV_WHEEL_DIR:-$HOME/.cache/wandb-sidecar-wheels}/torch-$TORCH
+WHEELS=${MMCV_WHEEL_DIR:-$HOME/.cache/wandb-sidecar-wheels}/torch-$TORCH-cpu
 stamp="$VENV3/.setup-$(cat scripts/setup_mmdet3.sh pyproject.toml | sha256sum | cut -c1-16)"
 [ -f "$stamp" ] && exit 0
 
 python3 -m venv "$VENV3"
 PIP="$VENV3/bin/pip"
 $PIP install -q --upgrade pip
-# torch + torchvision from the registry (--isolated skips this machine's find-links, whose CPU-only
-# torch file cannot load PyPI's torchvision ops).
-$PIP install -q --isolated "torch==$TORCH" "torchvision==$TORCHVISION"
+$PIP install -q "torch==$TORCH"
+python_torch=$("$VENV3/bin/python" -c 'import torch; print(torch.__version__)')
+case "$python_torch" in
+    *+cpu) ;;
+    *) echo "setup_mmdet3: got torch $python_torch, expected the CPU build $TORCH+cpu" \
+            "(pip's find-links on this machine hold it; a CUDA build costs 5 GB of disk)" >&2 ;;
+esac
 # Build tools for mmcv's ops; setuptools below 82 because mmengine 0.10.7 imports pkg_resources at run
 # time, and at least 77.0.3 for torch's metadata.
 $PIP install -q 'setuptools>=77.0.3,<82' wheel ninja
