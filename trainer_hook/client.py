@@ -67,6 +67,14 @@ log = logging.getLogger("trainer_hook")
 _ID_ALPHABET = string.ascii_lowercase + string.digits
 _FLUSH = "flush"  # pseudo-kind of a flush marker in ``pending``
 _BATCH_BYTES = 4 * 1024 * 1024
+#: Flags as plain ints: ``send_multipart`` ORs ``zmq.Flag`` enums per frame, which cost ~1.4 µs of the
+#: ~1.9 µs it spends per small frame (measured); a plain ``send`` per frame with int flags takes 0.46 µs.
+_MORE = int(zmq.SNDMORE) | int(zmq.NOBLOCK)
+_LAST = int(zmq.NOBLOCK)
+#: Frames under this size are copied into ZeroMQ (cheaper than a zero-copy ``zmq.Frame`` for small ones).
+_COPY_BELOW = 65536
+#: Messages packed per turn of the I/O loop before what is packed is sent.
+_PACK_CHUNK = 1024
 #: Cost the pending bound counts for one ``log()`` call: per key, plus the message (no walk on the hot path).
 _METRIC_KEY_BYTES = 96  # a fresh key string, a float, a dict slot
 _MESSAGE_BYTES = 320  # the body dict, the tuple, the deque slot
@@ -480,7 +488,7 @@ class _IOThread(threading.Thread):
                 self._fill_window()
                 self._send(sock)
                 self._heartbeat(sock)
-                self._read_replies(sock, timeout_ms=1 if client._pending else 20)
+                self._read_replies(sock, timeout_ms=0 if client._pending else 20)
                 self._resolve_markers()
                 self._warn_if_nobody_answers()
                 if client._stop.is_set() or (client._orphan is not None and self._orphan_done()):
@@ -603,8 +611,11 @@ class _IOThread(threading.Thread):
     # -- stages
 
     def _pack_pending(self, final: bool = False) -> None:
+        """Pack what the trainer queued: all of it when ending, else up to ``_PACK_CHUNK`` messages, so the
+        first ones are on their way (and the sidecar busy with them) while the rest are packed."""
         client = self.client
         pending = client._pending
+        budget = _PACK_CHUNK
         while True:
             if self.spooling is not None:
                 thread, result, entry = self.spooling
@@ -616,8 +627,9 @@ class _IOThread(threading.Thread):
                         result = {"error": TimeoutError("still copying when the client ended")}
                 self.spooling = None
                 self._pack(*entry[:3], spooled=result)
-            if not pending:
+            if not pending or (budget <= 0 and not final):
                 return
+            budget -= 1
             entry = pending.popleft()
             kind, body, t, cost = entry
             client._pending_taken_bytes += cost
@@ -707,7 +719,7 @@ class _IOThread(threading.Thread):
                 size += self.window[end].nbytes
                 end += 1
             try:
-                sock.send_multipart(batch, flags=zmq.NOBLOCK, copy=False)
+                _send_frames(sock, batch)
             except zmq.Again:
                 return  # not connected, or the sidecar is slow: keep it, try again later
             client._counters["sent"] += end - self.next_send
@@ -855,6 +867,16 @@ class _IOThread(threading.Thread):
             else:
                 still.append(marker)
         self.markers = still
+
+
+def _send_frames(sock: zmq.Socket, frames: Sequence[bytes]) -> None:
+    """``send_multipart(frames, NOBLOCK)``, 4× cheaper for small frames. A multipart stays atomic: the
+    high-water mark counts whole messages, and where a later frame cannot be queued ZeroMQ rolls the
+    earlier ones back and raises ``zmq.Again``, so nothing is ever half sent."""
+    send = sock.send
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        send(frame, _MORE if i < last else _LAST, copy=len(frame) < _COPY_BELOW)
 
 
 def client_idle(io: _IOThread) -> bool:
