@@ -65,7 +65,7 @@ FULL = Config(TRIM_BYTES, 1 * MiB, 3,
                Case("images of 5, 10, 20 MiB x 9, one a batch", 9, 1, 1, large=True)),
               (5 * MiB, 10 * MiB, 20 * MiB))
 QUICK = Config(256 * 1024, 128 * 1024, 1,
-               (Case("metrics x 20,000, batches of 500", 20_000, 500, 2),
+               (Case("metrics x 40,000, batches of 500", 40_000, 500, 2),
                 Case("images of 1, 2 MiB x 4, one a batch", 4, 1, 1, large=True)),
                (1 * MiB, 2 * MiB))
 
@@ -86,6 +86,14 @@ def message_pool(case: Case, large_sizes: Sequence[int]) -> list[list[bytes]]:
 def _batches(case: Case, pool: list[list[bytes]]) -> list[list[tuple[int, Sequence[bytes]]]]:
     return [[(i, pool[(i - 1) % len(pool)]) for i in range(start, min(start + case.batch, case.messages + 1))]
             for start in range(1, case.messages + 1, case.batch)]
+
+
+def footprint_bound(case: Case, cfg: Config, pool: list[list[bytes]]) -> int:
+    """What a bounded store may hold on disk whatever the stream's length: twice the undelivered batches plus
+    the one being written, three times the size limit (file threshold; SQLite's -wal, freelist and
+    checkpoint lag), a segment and 1 MiB of overhead. An unbounded store passes it once the stream is long."""
+    biggest = max(sum(map(len, m)) + 16 for m in pool)
+    return 2 * (case.lag_batches + 1) * case.batch * biggest + 3 * cfg.limit_bytes + cfg.segment_bytes + MiB
 
 
 def _crc(pool: list[list[bytes]], first: int, last: int) -> int:
@@ -163,7 +171,8 @@ def measure_case(case: Case, cfg: Config, tmp: Path) -> dict[str, Any]:
             store.close()
             shutil.rmtree(root)
             runs[kind].append(res)
-    out: dict[str, Any] = {"case": asdict(case), "frame_bytes_written": written}
+    out: dict[str, Any] = {"case": asdict(case), "frame_bytes_written": written,
+                           "footprint_bound": footprint_bound(case, cfg, pool)}
     for kind, rs in runs.items():
         wall = statistics.median(x["wall_s"] for x in rs)
         out[kind] = {"msgs_per_s": case.messages / wall, "mb_per_s": written / wall / 1e6,
