@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from benchmarks.common import ROOT, write_json
-from benchmarks.journal_stores import KINDS, open_store
+from benchmarks.journal_stores import KINDS, SqliteStore, open_store
 from protocol import Kind, encode
 from sidecar.journal_trim import TRIM_BYTES
 
@@ -193,8 +193,8 @@ def torn_tail(kind: str, cfg: Config, tmp: Path) -> dict[str, Any]:
     batches = _batches(case, pool)
     root = tmp / f"torn-{kind}"
     store = open_store(kind, root, 1 << 40, 1 << 40)  # no trim, no roll, no checkpoint in the way
-    if kind == "sqlite":
-        store.db.execute("PRAGMA wal_autocheckpoint=0")  # type: ignore[union-attr]
+    if isinstance(store, SqliteStore):
+        store.db.execute("PRAGMA wal_autocheckpoint=0")
     for batch in batches[:2]:
         store.write_batch(batch)
     sizes = {p.name: p.stat().st_size for p in root.iterdir()}
@@ -244,10 +244,12 @@ def main() -> None:
         print(c["case"]["name"])
         for k in KINDS:
             s = c[k]
-            print(f"  {k:9s} {s['msgs_per_s']:>12,.0f} msg/s {s['mb_per_s']:7.1f} MB/s  cpu {s['cpu_us_per_msg']:8.2f} µs/msg"
-                  f"  trim {s['trim_share']:5.1%}  written {s['write_amplification']:4.1f}x  max {s['max_bytes'] / 1e6:7.2f} MB  end {s['end_bytes'] / 1e6:7.2f} MB"
-                  f"  replay {s['replay']['count']} in {s['replay']['seconds'] * 1e3:.0f} ms"
-                  f" +{s['replay']['rss_delta_bytes'] / 1e6:.1f} MB RSS")
+            r = s["replay"]
+            print(f"  {k:9s} {s['msgs_per_s']:>10,.0f} msg/s {s['mb_per_s']:7.1f} MB/s"
+                  f"  cpu {s['cpu_us_per_msg']:8.2f} µs/msg  trim {s['trim_share']:5.1%}"
+                  f"  written {s['write_amplification']:4.1f}x  max {s['max_bytes'] / 1e6:6.2f} MB"
+                  f"  end {s['end_bytes'] / 1e6:6.2f} MB  replay {r['count']} in {r['seconds'] * 1e3:.0f} ms"
+                  f" +{r['rss_delta_bytes'] / 1e6:.1f} MB RSS")
     print("torn tail:", json.dumps(res["torn_tail"]))
     print(f"({res['seconds']:.1f} s; JSON: {a.out})")
 
