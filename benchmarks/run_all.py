@@ -17,6 +17,8 @@
 9. figure 4 without mmcv (torchvision Mask R-CNN, three modes): on a GPU at full size, else at its CPU size
 10. soak: one run open for 2,000,000 metric messages, the sidecar SIGKILLed twice: exactly once, the open
     run's journal and the sidecar's RSS bounded (``benchmarks/soak.py``)
+11. the journal's store: the product's single file against SQLite (WAL) and segment files, the same
+    stream with an fsync per batch: throughput, CPU, disk footprint, replay (``benchmarks/journal_store.py``)
 
 Medians and p99 of per-call samples; ratios of medians. Machines are noisy: compare within one run.
 """
@@ -463,10 +465,32 @@ def fig10_soak(tmp: Path, messages: int) -> None:
                  f"≤ {GOAL_RSS_GROWTH / 2**20:.0f} MiB"])
 
 
+def fig11_journal_store(quick: bool) -> None:
+    from benchmarks.journal_store import benchmark
+    from benchmarks.journal_stores import KINDS
+
+    r = benchmark(quick)
+    RESULTS["11_journal_store"] = r
+    for c in r["cases"]:
+        for k in KINDS:
+            st, rp = c[k], c[k]["replay"]
+            ROWS.append(["11", f"journal store {k}: {c['case']['name']}",
+                         f"{st['msgs_per_s']:,.0f} msg/s, {st['cpu_us_per_msg']:.3g} µs/msg CPU, disk max "
+                         f"{st['max_bytes'] / 1e6:.1f} MB (end {st['end_bytes'] / 1e6:.1f}), "
+                         f"{st['write_amplification']:.1f}x written; replay {rp['count']} in "
+                         f"{rp['seconds'] * 1e3:.0f} ms, +{rp['rss_delta_bytes'] / 1e6:.1f} MB RSS", "-",
+                         f"{st['msgs_per_s'] / c['file']['msgs_per_s']:.2f}x of file",
+                         f"≤ {c['footprint_bound'] / 1e6:.0f} MB " + ("✔" if st["max_bytes"] <= c["footprint_bound"] else "✘")])
+    torn = ", ".join(f"{k} keeps {t['torn_batch_records_kept']}" for k, t in r["torn_tail"].items())
+    ROWS.append(["11", "journal store: torn tail, records of the half-written (unacked) batch of 100 kept", torn,
+                 "-", "-",
+                 "acked intact: " + ("all" if all(t["acked_intact"] for t in r["torn_tail"].values()) else "NO")])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
-    p.add_argument("--only", default="1,2,3,4,5,6,7,8,9,10")
+    p.add_argument("--only", default="1,2,3,4,5,6,7,8,9,10,11")
     p.add_argument("--out", default="bench-out/results.json")
     a = p.parse_args()
     only = {int(x) for x in a.only.split(",")}
@@ -484,6 +508,7 @@ def main() -> None:
             (8, lambda: fig8_sweep(5.0 if q else 20.0, (4,) if q else (16, 32))),
             (9, lambda: fig9_torch_detection(tmp)),
             (10, lambda: fig10_soak(tmp, 200_000 if q else 2_000_000)),
+            (11, lambda: fig11_journal_store(q)),
         ]
         for n, fn in steps:
             if n in only:
