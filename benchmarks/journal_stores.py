@@ -1,14 +1,14 @@
 """Three ways to keep one open run's journal on disk, behind one small interface, for
 ``benchmarks/journal_store.py`` to compare under the same workload.
 
-- ``file``: the product's :class:`sidecar.journal.Journal` as it is: one file per run, trimmed by rewriting
-  the live tail once the file passes its trim threshold (what :class:`~sidecar.journal_trim.JournalTrimmer`
-  does).
+- ``file``: one file per run, trimmed by rewriting the live tail once the file passes its trim threshold
+  (the journal before segments: :class:`sidecar.journal.Journal` with one unbounded segment, whose
+  finishing trim rewrites it).
 - ``sqlite``: stdlib ``sqlite3`` in WAL mode, ``synchronous=FULL`` (a commit is fsynced, as the journal's
   batch is), one transaction per batch; delivered rows are deleted, the WAL is checkpointed automatically
   and cut back to a size limit, freed pages go back to the OS by incremental vacuum.
-- ``segments``: the journal's own records appended to the current segment file (fsync per batch), a new
-  segment every ``segment_bytes``; a segment is deleted once every record in it is delivered.
+- ``segments``: the product's journal as it is: records appended to the current segment file (fsync per
+  batch), a new segment every ``segment_bytes``; a segment is deleted once every record in it is delivered.
 
 Every store: ``write_batch`` (durable when it returns), ``trim(upto)`` (delivered up to ``upto``),
 ``replay(after)`` streaming ``(index, frames)`` in order, ``disk_bytes()`` (every file it has, ``-wal`` and
@@ -36,11 +36,11 @@ def dir_bytes(root: Path) -> int:
 
 
 class FileStore:
-    """The product's journal, driven as the receiver and the run's trimmer drive it."""
+    """One file per run, rewritten without the delivered records once it passes ``trim_bytes``."""
 
     def __init__(self, root: Path, trim_bytes: int) -> None:
         self.root = root
-        self.journal = Journal(root, fsync=True)
+        self.journal = Journal(root, fsync=True, segment_bytes=1 << 62)
         self.trim_bytes = trim_bytes
 
     def write_batch(self, batch: Batch) -> None:
@@ -48,7 +48,7 @@ class FileStore:
 
     def trim(self, upto: int) -> None:
         if upto > 0 and self.journal.size(RUN) >= self.trim_bytes:  # JournalTrimmer.maybe_trim's test
-            self.journal.trim(RUN, upto)
+            self.journal.trim(RUN, upto, keep_last=False)
 
     def replay(self, after: int) -> Iterator[tuple[int, list[bytes]]]:
         return self.journal.replay(RUN, after, repair=True)
@@ -58,6 +58,18 @@ class FileStore:
 
     def close(self) -> None:
         self.journal.close()
+
+
+class SegmentStore(FileStore):
+    """The product's journal: segments of ``segment_bytes``, the delivered ones unlinked."""
+
+    def __init__(self, root: Path, segment_bytes: int) -> None:
+        self.root = root
+        self.journal = Journal(root, fsync=True, segment_bytes=segment_bytes)
+
+    def trim(self, upto: int) -> None:
+        if upto > 0:
+            self.journal.trim(RUN, upto)
 
 
 class SqliteStore:
@@ -109,66 +121,6 @@ class SqliteStore:
 
     def close(self) -> None:
         self.db.close()
-
-
-class SegmentStore:
-    """Segment files ``<first index>.seg`` of the journal's own records; whole segments are deleted."""
-
-    def __init__(self, root: Path, segment_bytes: int) -> None:
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-        self.segment_bytes = segment_bytes
-        self.file: BinaryIO | None = None  # the segment being appended to
-
-    def _segments(self) -> list[tuple[int, Path]]:
-        return sorted((int(p.stem), p) for p in self.root.glob("*.seg"))
-
-    def write_batch(self, batch: Batch) -> None:
-        if self.file is not None and self.file.tell() >= self.segment_bytes:
-            self.file.close()
-            self.file = None
-        if self.file is None:
-            self.file = open(self.root / f"{batch[0][0]:020d}.seg", "ab")
-            fd = os.open(self.root, os.O_RDONLY)  # the new name must survive a crash too
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        for index, frames in batch:
-            self.file.writelines(_record(index, frames))
-        self.file.flush()
-        os.fsync(self.file.fileno())
-
-    def trim(self, upto: int) -> None:
-        """Unlink every segment whose records are all delivered: the next one starts at or below ``upto + 1``."""
-        segs = self._segments()
-        for (_, path), (next_first, _) in zip(segs, segs[1:]):
-            if next_first - 1 > upto:
-                break
-            path.unlink()
-
-    def replay(self, after: int) -> Iterator[tuple[int, list[bytes]]]:
-        """Streams the segments that hold indices above ``after``; a torn tail of the last one is cut off."""
-        segs = self._segments()
-        for i, (_, path) in enumerate(segs):
-            if i + 1 < len(segs) and segs[i + 1][0] - 1 <= after:
-                continue  # wholly delivered: never read
-            tail = [0, 0]
-            for index, frames in _records(path, tail):
-                if index > after:
-                    yield index, frames
-            if tail[0] != tail[1]:
-                if i + 1 == len(segs) and self.file is None:
-                    os.truncate(path, tail[0])
-                return
-
-    def disk_bytes(self) -> int:
-        return dir_bytes(self.root)
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
 
 
 Store = FileStore | SqliteStore | SegmentStore

@@ -82,6 +82,14 @@ def main() -> None:
 @click.option("--journal-trim-bytes", default=4 * 1024 * 1024, show_default=True, type=click.IntRange(min=1),
               envvar="WANDB_SIDECAR_JOURNAL_TRIM_BYTES",
               help="An open run's journal is compacted, up to what wandb provably holds, once it is this large.")
+@click.option("--max-run-queue", default=50_000, show_default=True, type=click.IntRange(min=1),
+              envvar="WANDB_SIDECAR_MAX_RUN_QUEUE",
+              help="Messages of a run held in memory for its wandb worker; past it the worker reads them back "
+                   "from the journal.")
+@click.option("--max-run-backlog-bytes", default=4 * 1024**3, show_default=True, type=click.IntRange(min=1),
+              envvar="WANDB_SIDECAR_MAX_RUN_BACKLOG_BYTES",
+              help="A run's journal (what wandb does not hold yet) beyond this stops being acknowledged: its "
+                   "trainer keeps and resends (backpressure).")
 @click.option("--max-runs", default=1000, show_default=True, type=click.IntRange(min=1),
               envvar="WANDB_SIDECAR_MAX_RUNS", help="Live runs served at once; a new run beyond it is refused.")
 @click.option("--curve-secret-key", type=click.Path(dir_okay=False, exists=True), envvar="WANDB_SIDECAR_CURVE_SECRET",
@@ -99,7 +107,8 @@ def main() -> None:
 @click.option("--metrics-host", default="127.0.0.1", show_default=True, envvar="WANDB_SIDECAR_METRICS_HOST",
               help="Address the metrics endpoint listens on (0.0.0.0 inside a container).")
 def serve(bind: str, journal_dir: str, allow_roots: tuple[str, ...], heartbeat_timeout: float,
-          no_fsync: bool, replay_backoff: float, retention: float, journal_trim_bytes: int, max_runs: int,
+          no_fsync: bool, replay_backoff: float, retention: float, journal_trim_bytes: int,
+          max_run_queue: int, max_run_backlog_bytes: int, max_runs: int,
           curve_secret_key: str | None, curve_authorized_keys: str | None, insecure: bool,
           log_level: str, log_format: str, metrics_port: int | None, metrics_host: str) -> None:
     """Receive from trainers and do all wandb work. SIGTERM drains, finishes every run, exits 0."""
@@ -126,7 +135,8 @@ def serve(bind: str, journal_dir: str, allow_roots: tuple[str, ...], heartbeat_t
     server = SidecarServer(bind, journal_dir, list(allow_roots) or [os.getcwd()],
                            heartbeat_timeout=heartbeat_timeout, fsync=not no_fsync, socket_setup=security,
                            replay_backoff=replay_backoff, retention=retention, max_runs=max_runs,
-                           trim_bytes=journal_trim_bytes)
+                           trim_bytes=journal_trim_bytes, max_run_queue=max_run_queue,
+                           max_backlog_bytes=max_run_backlog_bytes)
 
     def on_signal(signum: int, _frame: object) -> None:
         if server._stop.is_set():

@@ -80,10 +80,10 @@ def _load_start(server: "SidecarServer", st: RunState) -> None:
         st.start = admit_journaled(frames, server.guard, 0)
 
 
-def journaled_messages(server: "SidecarServer", run_id: str, upto: int) -> Iterator[Message]:
-    """The run's journaled messages up to index ``upto`` as the worker should see them (refused ones left
-    out), read from disk as the worker goes."""
-    for index, frames in server.journal.replay(run_id):
+def journaled_messages(server: "SidecarServer", run_id: str, upto: int, after: int = 0) -> Iterator[Message]:
+    """The run's journaled messages with an index above ``after`` up to ``upto`` as the worker should see
+    them (refused ones left out), read from disk as the worker goes."""
+    for index, frames in server.journal.replay(run_id, after=after):
         if index > upto:
             return
         msg = admit_journaled(frames, server.guard, index)

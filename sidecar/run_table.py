@@ -22,7 +22,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from protocol import Header, Message
 
@@ -44,7 +44,7 @@ class Admit(Enum):
     GAP = "gap"  # a message after a missing one: not accepted
     IN_USE = "run_in_use"  # another incarnation owns the run
     REFUSED = "refused"  # this incarnation's run start was refused, or its wandb.init failed for good
-    BACKPRESSURE = "backpressure"  # the run's worker is too far behind
+    BACKPRESSURE = "backpressure"  # the run's backlog in the journal is at its bound
 
 
 @dataclass
@@ -121,9 +121,10 @@ class RunState:
 class RunTable:
     """Every run the sidecar knows, and the admission decision for each sequenced message."""
 
-    def __init__(self, max_run_queue: int = 50_000) -> None:
+    def __init__(self, backlog_full: Callable[[str], bool] | None = None) -> None:
         self.runs: dict[str, RunState] = {}
-        self.max_run_queue = max_run_queue
+        #: ``backlog_full(run_id)``: the run's journal is at its bound (messages are then not acknowledged)
+        self.backlog_full = backlog_full or (lambda run_id: False)
 
     def get(self, run_id: str) -> RunState | None:
         return self.runs.get(run_id)
@@ -181,7 +182,7 @@ class RunTable:
         if header.seq > st.last_seq + 1:
             st.out_of_order += 1
             return Admit.GAP, st
-        if st.worker is not None and st.worker.queue.qsize() > self.max_run_queue:
+        if self.backlog_full(st.run_id):
             st.backpressure += 1
             return Admit.BACKPRESSURE, st
         st.last_seq = header.seq

@@ -26,6 +26,7 @@ from .wandb_sink import SinkError, WandbSink
 log = logging.getLogger("sidecar.worker")
 
 _STOP = object()
+_BACKLOG = object()  # queued as (_BACKLOG, first index): from here on, messages are read from the journal
 _IDLE_TICK = 1.0  # seconds an idle worker waits before looking at its journal again
 #: Seconds between delivery marks (status ``delivered``, the journal's delivered watermark): often enough
 #: that the lag shown is the real one, rarely enough that a run keeping up does not write a file per message.
@@ -54,6 +55,8 @@ class RunWorker(threading.Thread):
         replay: Callable[[], Iterable[Message]] | None = None,
         trimmer: JournalTrimmer | None = None,
         delivery_gate: threading.Event | None = None,
+        max_queue: int = 50_000,
+        journaled: Callable[[int, int], Iterable[Message]] | None = None,
     ) -> None:
         super().__init__(name=f"run-{run_id}", daemon=True)
         self.run_id = run_id
@@ -73,6 +76,11 @@ class RunWorker(threading.Thread):
         self.thread_done = False  # the thread is done; offer() refuses
         self._start_msg: Message | None = start  # the run start wandb.init uses (a resume after a restart)
         self._replay = replay  # journaled messages to apply before the queue (recovery, incomplete runs)
+        #: Messages in memory are at most ``max_queue``; past it the worker reads them from the journal
+        #: (``journaled(after, upto)``), so a burst or a slow wandb costs disk, never memory or acks.
+        self.max_queue = max_queue
+        self._journaled = journaled
+        self.backlog_upto = 0  # while non-zero: offered messages up to this index wait in the journal
         self.trimmer = trimmer  # compacts the open run's journal up to what wandb holds
         self._log_tail: WandbLogTail | None = None
         self._noted = 0
@@ -93,12 +101,24 @@ class RunWorker(threading.Thread):
         self.queue.put(msg)
 
     def offer(self, msg: Message) -> bool:
-        """Queue ``msg`` unless this worker has ended (the server then starts a new one for the run)."""
+        """Take ``msg`` (journaled already) unless this worker has ended (the server then starts a new one
+        for the run): into the queue, or, while the queue is full or a backlog is being read, as a
+        journal index to read later."""
         with self._end_lock:
             if self.thread_done:
                 return False
-            self.queue.put(msg)
+            if self.backlog_upto:
+                self.backlog_upto = msg.index
+            elif self._journaled is not None and self.queue.qsize() >= self.max_queue:
+                self.backlog_upto = msg.index
+                self.queue.put((_BACKLOG, msg.index))
+            else:
+                self.queue.put(msg)
             return True
+
+    def backlog(self) -> int:
+        """Messages of this run waiting in the journal, not in the queue (0 or more; an upper bound)."""
+        return self.backlog_upto and max(0, self.backlog_upto - self.delivered)
 
     def stop(self, exit_code: int | None = None) -> None:
         """Finish after what is queued; ``exit_code`` None means the trainer did not finish (SIGTERM).
@@ -130,6 +150,8 @@ class RunWorker(threading.Thread):
                 continue
             if isinstance(item, tuple) and item[0] is _STOP:
                 self._finish(item[1])
+            elif isinstance(item, tuple) and item[0] is _BACKLOG:
+                self._read_backlog(item[1])
             else:
                 assert isinstance(item, Message)
                 if self._gate is not None and not self._gate.is_set():
@@ -145,6 +167,27 @@ class RunWorker(threading.Thread):
             self._mark_due = True
             if time.monotonic() - self._last_mark > MARK_EVERY:
                 self._mark_delivered()
+
+    def _read_backlog(self, first: int) -> None:
+        """Apply the journaled messages from index ``first`` on, reading more as the receiver journals
+        more, until none is left; then the receiver queues again (decided under ``_end_lock``)."""
+        assert self._journaled is not None
+        after = first - 1
+        while True:
+            with self._end_lock:
+                upto = self.backlog_upto
+                if upto <= after:
+                    self.backlog_upto = 0
+                    return
+            for msg in self._journaled(after, upto):
+                self.sink.count("read_from_journal")
+                if self._gate is not None and not self._gate.is_set():
+                    self._gate.wait(1.0)
+                self._apply_with_retry(msg)
+                self._note_for_trim()
+                if time.monotonic() - self._last_mark > MARK_EVERY:
+                    self._mark_delivered()
+            after = upto
 
     def _apply_with_retry(self, msg: Message) -> None:
         """``wandb.init`` is retried until it works (or SIGTERM); an artifact (checkpoint, table) a few
@@ -194,6 +237,7 @@ class RunWorker(threading.Thread):
                 raise RuntimeError("message before run start")
             self.sink.start(self._start_msg)
             self.state = "running"
+            self.wandb_run_finished = False  # resumed: a finish read from a backlog is not the last word
         if kind is Kind.RUN_START:
             return
         if kind is not Kind.RUN_FINISH and self._already_in_wandb(msg):

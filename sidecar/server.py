@@ -24,7 +24,7 @@ from protocol.limits import MAX_FRAME_BYTES
 from . import recovery
 from .admission import admit_body
 from .init_policy import InitRefused
-from .journal import Journal, JournalError
+from .journal import SEGMENT_BYTES, Journal, JournalError
 from .journal_trim import TRIM_BYTES, JournalTrimmer
 from .paths import FileGuard
 from .run_table import Admit, RunState, RunTable
@@ -43,6 +43,9 @@ BATCH_MESSAGES = 8192
 #: Ingest first: while messages keep arriving, wandb delivery waits (see ``SidecarServer.delivery_gate``),
 #: for bursts up to this long; a longer burst shares the process with delivery, so its queues drain.
 INGEST_FIRST_S = 2.0
+#: A run's journal beyond this (wandb far behind, or unreachable for long) stops being acknowledged: its
+#: trainer keeps and resends (backpressure), so a sidecar's disk is bounded per run.
+MAX_BACKLOG_BYTES = 4 * 1024**3
 
 
 @dataclass
@@ -67,6 +70,7 @@ class SidecarServer:
         allow_roots: list[str],
         heartbeat_timeout: float = 60.0,
         max_run_queue: int = 50_000,
+        max_backlog_bytes: int = MAX_BACKLOG_BYTES,
         fsync: bool = True,
         socket_setup: Any = None,
         replay_backoff: float = 10.0,
@@ -75,9 +79,12 @@ class SidecarServer:
         trim_bytes: int = TRIM_BYTES,
     ) -> None:
         self.bind = bind
-        self.journal = Journal(journal_dir, fsync=fsync)
+        # a trim keeps the last segment: a quarter of the trim threshold, so a trimmed journal is small
+        self.journal = Journal(journal_dir, fsync=fsync, segment_bytes=min(SEGMENT_BYTES, max(4096, trim_bytes // 4)))
         self.guard = FileGuard(allow_roots)
-        self.table = RunTable(max_run_queue)
+        self.max_run_queue = max_run_queue
+        self.max_backlog_bytes = max_backlog_bytes
+        self.table = RunTable(lambda run_id: self.journal.size(run_id) > max_backlog_bytes)
         self.heartbeat_timeout = heartbeat_timeout
         self.socket_setup = socket_setup
         self.replay_backoff = replay_backoff
@@ -341,7 +348,9 @@ class SidecarServer:
                            delivered=st.delivered_index, state_dir=self.journal.root, start=st.start,
                            replay=replay, delivery_gate=self.delivery_gate, trimmer=JournalTrimmer(
                                st.run_id, lambda: self.journal.size(st.run_id),
-                               lambda upto: self.journal.trim(st.run_id, upto), self.trim_bytes))
+                               lambda upto: self.journal.trim(st.run_id, upto), self.trim_bytes),
+                           max_queue=self.max_run_queue,
+                           journaled=lambda after, upto: recovery.journaled_messages(self, st.run_id, upto, after))
         st.worker = worker
         worker.start()
         return worker

@@ -39,6 +39,8 @@ def status_report(server: "SidecarServer") -> dict[str, Any]:
             "project": (start.get("init_kwargs") or {}).get("project"),
             "client": {"host": client.get("host"), "pid": client.get("pid")} if client else {},
             "queue": w.queue.qsize() if w is not None else 0,
+            "backlog": w.backlog() if w is not None else 0,  # in the journal, past the queue's bound
+            "journal_bytes": server.journal.size(st.run_id),
             "journal_trimmed_bytes": w.trimmer.trimmed_bytes if w is not None and w.trimmer is not None else 0,
             "last_seen_s": round(now - st.last_seen, 1),
             "wandb": w.sink.all_counters() if w is not None else {},

@@ -22,8 +22,7 @@ def _log_steps(client: SidecarClient, steps: range) -> None:
 
 
 def _journal_bytes(sidecar: SidecarProcess, run_id: str) -> int:
-    path = sidecar.journal / f"{run_id}.log"
-    return path.stat().st_size if path.exists() else 0
+    return Journal(sidecar.journal).size(run_id)
 
 
 def test_an_open_runs_journal_is_trimmed_once_wandb_holds_it(tmp_path: Path) -> None:
@@ -64,11 +63,34 @@ def test_compaction_keeps_messages_newer_than_the_finish(tmp_path: Path) -> None
     assert journal.done_runs()["r"]["last_index"] == 10
 
 
-def test_trim_keeps_the_last_record_for_a_restart(tmp_path: Path) -> None:
-    journal = Journal(tmp_path)
-    journal.write_batch([("r", i, [b"m%d" % i]) for i in range(1, 6)])
-    assert journal.trim("r", 5) > 0
+def test_trim_unlinks_delivered_segments_and_keeps_the_last_for_a_restart(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, segment_bytes=1)  # every batch begins a segment
+    for i in range(1, 6):
+        journal.write_batch([("r", i, [b"m%d" % i])])
+    assert len(journal.segments("r")) == 5
+    size = journal.size("r")
+    freed = journal.trim("r", 3)
+    assert freed > 0 and journal.size("r") == size - freed
+    assert [i for i, _ in journal.replay("r")] == [4, 5]
+    journal.trim("r", 5)  # everything delivered: the last segment stays (the run's last sequence number)
     assert [i for i, _ in journal.replay("r")] == [5]
+    journal.write_batch([("r", 6, [b"m6"])])
+    assert [i for i, _ in journal.replay("r", after=5)] == [6]
+    assert [i for i, _ in Journal(tmp_path).replay("r")] == [5, 6]  # a restart reads the same
+
+
+def test_a_journal_from_before_segments_is_read_and_continued(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    journal.write_batch([("r", i, [b"m%d" % i]) for i in range(1, 4)])
+    journal.close()
+    (segment,) = [p for _, p in journal.segments("r")]
+    segment.rename(tmp_path / "r.log")  # how the journal was named before it had segments
+    journal = Journal(tmp_path, segment_bytes=1)
+    assert journal.runs() == ["r"] and [i for i, _ in journal.replay("r")] == [1, 2, 3]
+    journal.write_batch([("r", 4, [b"m4"])])
+    assert [i for i, _ in journal.replay("r", after=2)] == [3, 4]
+    journal.compact("r", 4, {"last_index": 4})
+    assert journal.runs() == [] and journal.segments("r") == []
 
 
 def _kill_with_its_wandb_service(sidecar: SidecarProcess) -> None:
@@ -117,3 +139,23 @@ def test_finished_runs_are_forgotten_after_their_retention(tmp_path: Path) -> No
         assert not any(p.name.startswith("brief1.") for p in sidecar.journal.iterdir())
         assert sidecar.stop() == 0
     assert read_runs(sidecar.wandb_dir)["brief1"].steps() == list(range(5))  # wandb's run stays, of course
+
+
+def test_a_run_past_its_queue_bound_is_read_back_from_the_journal_exactly_once(tmp_path: Path) -> None:
+    """The receiver never waits for wandb: past ``--max-run-queue`` a run's messages stay on disk and its
+    worker reads them from the journal, across a SIGKILL too; every step lands once, in order."""
+    steps = 6_000
+    with SidecarProcess(tmp_path, "--max-run-queue", "10") as sidecar:
+        client = SidecarClient(sidecar.addr, init_kwargs={"project": "backlog"}, run_id="backlog1", ack_timeout=0.5)
+        _log_steps(client, range(steps // 2))  # acknowledged while wandb.init still runs: 10 fit in memory
+        assert client.flush(120)
+        status = sidecar.wait_for(lambda s: s["runs"]["backlog1"]["wandb"].get("read_from_journal", 0) > 0
+                                  and s["runs"]["backlog1"]["delivered_seq"] > 100, timeout=300)
+        assert status["runs"]["backlog1"]["queue"] <= 11  # the bound, and a marker
+        sidecar.kill()  # mid-backlog
+    with SidecarProcess(tmp_path, "--max-run-queue", "10", port=sidecar.port) as sidecar:
+        _log_steps(client, range(steps // 2, steps))
+        assert client.finish(timeout=300)
+        sidecar.wait_for(lambda s: s["runs"]["backlog1"]["state"] == "finished", timeout=600)
+        assert sidecar.stop() == 0
+    assert read_runs(sidecar.wandb_dir)["backlog1"].steps() == list(range(steps))
