@@ -20,11 +20,11 @@ from __future__ import annotations
 import os
 import sqlite3
 from pathlib import Path
-from typing import BinaryIO, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import msgpack
 
-from sidecar.journal import Journal, _record, _records
+from sidecar.journal import Journal
 
 RUN = "bench-run"
 Batch = Sequence[tuple[int, Sequence[bytes]]]
