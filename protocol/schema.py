@@ -190,7 +190,7 @@ class Checkpoint(Body):
 
 class ValData(Body):
     """The validation table, once per run: images by path (the sidecar reads them) or their encoded
-    files (``image_bytes``: bytes, or 1-d uint8 arrays that travel in the blob frame, any size)."""
+    files (``image_bytes``: bytes, or 1-d uint8 arrays that travel in the blob frame; any size, in parts)."""
 
     class_names: StrList
     image_names: StrList
@@ -201,9 +201,15 @@ class ValData(Body):
     gt_masks: Annotated[list[ImagePolygons], Meta(max_length=MAX_CONTAINER_LEN)] | UnsetType = UNSET
     artifact_name: Str | None | UnsetType = UNSET
     table_name: Str | None | UnsetType = UNSET
+    #: A validation set larger than one message travels as ``parts`` messages of consecutive images, in
+    #: order; the table is logged once, with the last.
+    part: Count = 0
+    parts: Annotated[int, Meta(ge=1, le=MAX_CONTAINER_LEN)] = 1
 
     def check(self) -> None:
         n = len(self.image_names)
+        if self.part >= self.parts:
+            raise InvalidField(f"val_data part {self.part} of {self.parts}")
         if (self.image_paths is UNSET) == (self.image_bytes is UNSET):
             raise InvalidField("val_data needs exactly one of image_paths or image_bytes")
         images = self.image_paths if self.image_bytes is UNSET else self.image_bytes

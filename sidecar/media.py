@@ -65,6 +65,7 @@ class MediaBuilder:
         self.guard = guard
         self.counters = Counters()
         self._val: _ValData | None = None
+        self._val_parts: tuple[int, _ValData] | None = None  # (next part expected, the table so far)
 
     # ------------------------------------------------------------------------------- validation table
 
@@ -73,28 +74,50 @@ class MediaBuilder:
 
         ``publish=False`` rebuilds the table in memory only: a restarted sidecar replaying a run whose
         validation artifact is already logged still needs it as the prediction tables' reference."""
-        class_labels = {i + 1: str(name) for i, name in enumerate(body["class_names"])}
-        class_set = wandb.Classes([{"id": cid, "name": name} for cid, name in class_labels.items()])
-        table = wandb.Table(columns=VAL_COLUMNS)
-        polygons = body.get("gt_masks")
-        for i, name in enumerate(body["image_names"]):
-            image = self._open_image(body, i)
-            gt = None
-            if image is not None:
-                gt = self._gt_image(image, body["gt_boxes"][i], body["gt_labels"][i],
-                                    polygons[i] if polygons is not None else None, class_labels, class_set)
-            table.add_data(name, gt)
-        self.counters.add("val_rows", len(body["image_names"]))
-
+        part, parts = body.get("part", 0), body.get("parts", 1)
+        state = self._val_parts
+        if part == 0 or (state is not None and state[0] == part):
+            if part == 0:
+                class_labels = {i + 1: str(name) for i, name in enumerate(body["class_names"])}
+                class_set = wandb.Classes([{"id": cid, "name": name} for cid, name in class_labels.items()])
+                state = (0, _ValData(class_labels, class_set, wandb.Table(columns=VAL_COLUMNS)))
+            val = state[1]
+            self._add_val_rows(body, val)
+            self._val_parts = state = (part + 1, val)
+        elif not (state is not None and state[0] == part + 1 == parts):  # (that: the last part, retried)
+            self.counters.add("val_parts_out_of_order")  # they are sent in order: a table without them is wrong
+            log.error("run %s: validation table part %d of %d without the parts before it; skipped", self.run.id,
+                      part, parts)
+            return
+        if part + 1 < parts:
+            return
         # Set before publishing: if the upload fails, prediction tables still work from memory.
-        self._val = _ValData(class_labels, class_set, table)
+        self._val = val = state[1]
+        table = val.table
         if not publish:
+            self._val_parts = None
             return
         table_name = body.get("table_name") or "val_data"
         artifact = wandb.Artifact(body.get("artifact_name") or "val", type="dataset")
         artifact.add(table, table_name)
         self._val.table = self._publish_val(artifact, table, table_name)
+        self._val_parts = None
         self.counters.add("val_tables")
+
+    def _add_val_rows(self, body: dict[str, Any], val: _ValData) -> None:
+        """One message's rows: all built, then added (a part retried after a failure never adds twice)."""
+        polygons = body.get("gt_masks")
+        rows = []
+        for i, name in enumerate(body["image_names"]):
+            image = self._open_image(body, i)
+            gt = None
+            if image is not None:
+                gt = self._gt_image(image, body["gt_boxes"][i], body["gt_labels"][i],
+                                    polygons[i] if polygons is not None else None, val.class_labels, val.class_set)
+            rows.append((name, gt))
+        for name, gt in rows:
+            val.table.add_data(name, gt)
+        self.counters.add("val_rows", len(rows))
 
     def _publish_val(self, artifact: wandb.Artifact, table: wandb.Table, table_name: str) -> wandb.Table:
         """Log the artifact; return the table prediction rows should reference (see module docstring)."""

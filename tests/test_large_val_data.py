@@ -1,4 +1,5 @@
-"""Validation data above the 16 MiB body limit travels intact (image bytes in the blob frame), never dropped."""
+"""Validation data above the 16 MiB body limit travels intact (image bytes in the blob frame, a large set in
+parts), never dropped."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from protocol import Kind
 from sidecar.readback import read_runs
 from tests.sidecar_process import SidecarProcess
 from trainer_hook import SidecarClient
-from trainer_hook.val_data import val_data_body
+from trainer_hook.val_data import VAL_PART_BYTES, val_data_body, val_data_parts
 
 
 @pytest.mark.slow
@@ -34,7 +35,10 @@ def test_50_mib_of_validation_images_reach_the_val_table_intact(tmp_path: Path) 
                          [None] * n, send_image_bytes=True)
     with SidecarProcess(tmp_path / "sc", allow_roots=[tmp_path / "nothing-on-disk"]) as sidecar:
         client = SidecarClient(sidecar.addr, run_id="bigval", spill_dir=None)
-        assert client.send(Kind.VAL_DATA, body)
+        parts = val_data_parts(body)
+        assert len(parts) >= 2 and sum(p.stat().st_size for p in paths) > VAL_PART_BYTES  # 50 MiB: in parts
+        for part in parts:
+            assert client.send(Kind.VAL_DATA, part)
         assert client.finish(timeout=300), client.stats()
         stats = client.stats()
         assert stats.get("dropped_unencodable", 0) == 0 and not any(k.startswith("rejected") for k in stats)
@@ -46,3 +50,18 @@ def test_50_mib_of_validation_images_reach_the_val_table_intact(tmp_path: Path) 
     for (_, cell), expected in zip(table["data"], pixels):  # every image, every pixel (PNG is lossless)
         logged = Path(val.files[cell["path"]]["local_path"])
         assert np.array_equal(np.asarray(Image.open(logged)), expected)
+
+
+def test_validation_parts_keep_every_image_in_order_within_the_part_size() -> None:
+    sizes = [5, 1, 7, 3, 3, 9, 2]
+    body = val_data_body(["a"], [f"im{i}" for i in range(len(sizes))], [], [np.zeros((1, 4), np.float32)] * 7,
+                         [np.zeros(1, np.int64)] * 7, [[[[0.0, 0, 1, 0, 1, 1]]]] * 7, send_image_bytes=False)
+    del body["image_paths"]
+    body["image_bytes"] = [np.full(n, i, np.uint8) for i, n in enumerate(sizes)]
+    parts = val_data_parts(body, part_bytes=8)
+    assert [p["part"] for p in parts] == list(range(len(parts))) and {p["parts"] for p in parts} == {len(parts)}
+    assert all(sum(map(len, p["image_bytes"])) <= 8 or len(p["image_bytes"]) == 1 for p in parts)  # 9 > 8: alone
+    for key in ("image_names", "image_bytes", "gt_boxes", "gt_labels", "gt_masks"):
+        assert [x for p in parts for x in p[key]] == body[key]  # every image once, in order
+    assert all(p["class_names"] == ["a"] for p in parts)
+    assert val_data_parts(body, part_bytes=100) == [body]

@@ -32,7 +32,7 @@ from protocol import DEFAULT_ADDR, Kind
 
 from .client import SidecarClient
 from .detections import eval_image_indices, finish_run, polygon_masks
-from .val_data import val_data_body
+from .val_data import val_data_body, val_data_parts
 
 _SUMMARY_CHOICES = ("min", "max", "mean", "best", "last", "none")
 
@@ -191,8 +191,9 @@ class MMDetWandbSidecarHook(LoggerHook):
             labels.append(np.asarray(ann["labels"], dtype=np.int64).reshape(-1))
             masks.append(polygon_masks(ann.get("masks")))
         assert self.client is not None
-        self.client.send(Kind.VAL_DATA, val_data_body(ds.CLASSES, names, paths, boxes, labels, masks,
-                                                      self.send_image_bytes))
+        for part in val_data_parts(val_data_body(ds.CLASSES, names, paths, boxes, labels, masks,
+                                                 self.send_image_bytes)):
+            self.client.send(Kind.VAL_DATA, part)
 
     # ----------------------------------------------------------------------------- metrics
 

@@ -64,7 +64,7 @@ from protocol.limits import MAX_KEY_LEN, MAX_STR_LEN
 
 from .client import SidecarClient
 from .detections import OrderedWorker, encode_masks, eval_image_indices, finish_run, polygon_masks
-from .val_data import val_data_body
+from .val_data import val_data_body, val_data_parts
 from .warn_once import WarnOnce
 
 if TYPE_CHECKING:
@@ -373,7 +373,8 @@ class DetWandbSidecarHook(Hook):
         self._hold_ckpt = self.log_checkpoint_metadata and has_val
         if selection is not None:
             try:
-                self.client.send(Kind.VAL_DATA, val_data_body(send_image_bytes=self.send_image_bytes, **selection))
+                for part in val_data_parts(val_data_body(send_image_bytes=self.send_image_bytes, **selection)):
+                    self.client.send(Kind.VAL_DATA, part)
             except OSError as exc:  # an image file it cannot read (send_image_bytes): no tables, training goes on
                 self._send_tables = False  # the other ranks still take part in each validation's gather
                 runner.logger.warning(f"DetWandbSidecarHook: validation table not logged "
