@@ -427,6 +427,9 @@ def fig8_sweep(seconds: float, sizes: tuple[int, ...]) -> None:
         ROWS.append(["8", f"sweep: {n} trainers x 20 scalars at 100 steps/s for {seconds:.0f} s, one sidecar",
                      f"lag ≤ {r['worst_lag_steps']} steps; all finished {r['finished_after_last_finish_s']:.1f} s "
                      f"after the last; RSS {r['sidecar_peak_rss_mb']:.0f} MB", "-", "-", goal])
+        ROWS.append(["8", f"  {n} trainers: worst lag in the second half; sidecar CPU; the machine's CPUs busy",
+                     f"{r['worst_lag_second_half_steps']} steps; {r['sidecar_cpu_cores']:.2f} cores; "
+                     f"{r['machine_busy']:.0%}", "-", "-", "reported"])
     RESULTS["8_sweep"] = out
 
 

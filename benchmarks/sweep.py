@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -43,6 +44,18 @@ def _rss_mb(pid: int) -> float:
     return 0.0
 
 
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _machine_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of all CPUs so far (``/proc/stat``): the machine's load over an interval."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]
+    return sum(values) - idle, sum(values)
+
+
 def sweep(trainers: int, seconds: float, rate: float = 100.0) -> dict[str, Any]:
     from tests.sidecar_process import SidecarProcess
 
@@ -52,12 +65,17 @@ def sweep(trainers: int, seconds: float, rate: float = 100.0) -> dict[str, Any]:
         procs = [subprocess.Popen([sys.executable, "-c", _TRAINER, sidecar.addr, f"sweep{i:02d}", str(steps), str(rate)],
                                   cwd=ROOT, stdout=subprocess.PIPE, text=True) for i in range(trainers)]
         worst_lag, polls = 0, 0
+        lags: list[int] = []  # the worst lag of each poll: the start (wandb.init of every run) vs steady state
+        cpu0, (busy0, total0), t0 = _cpu_s(sidecar.proc.pid), _machine_busy(), time.monotonic()
         while any(p.poll() is None for p in procs):
             status = sidecar.status(timeout=10)
             runs = [r for name, r in status["runs"].items() if name.startswith("sweep")]
-            worst_lag = max([worst_lag, *(r["lag"] for r in runs if r["state"] == "active")])
+            lags.append(max([0, *(r["lag"] for r in runs if r["state"] == "active")]))
+            worst_lag = max(worst_lag, lags[-1])
             polls += 1
             time.sleep(0.2)
+        sidecar_cpu = (_cpu_s(sidecar.proc.pid) - cpu0) / (time.monotonic() - t0)
+        busy1, total1 = _machine_busy()
         results = [json.loads(p.stdout.read().strip().splitlines()[-1]) for p in procs]
         last_finish = max(r["finished_at"] for r in results)
         status = sidecar.wait_for(lambda s: sum(r["state"] == "finished" for n, r in s["runs"].items()
@@ -69,6 +87,8 @@ def sweep(trainers: int, seconds: float, rate: float = 100.0) -> dict[str, Any]:
     return {"trainers": trainers, "steps_each": steps, "all_acked": all(r["ok"] for r in results),
             "worst_lag_steps": worst_lag, "status_polls": polls, "finished_after_last_finish_s": all_finished,
             "sidecar_peak_rss_mb": rss, "delivered_messages": delivered,
+            "worst_lag_second_half_steps": max(lags[len(lags) // 2:], default=0),
+            "sidecar_cpu_cores": sidecar_cpu, "machine_busy": (busy1 - busy0) / max(1, total1 - total0),
             "trainer_late_s_max": max(r["late_s"] for r in results)}
 
 
