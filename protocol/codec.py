@@ -45,7 +45,12 @@ _FLOAT_MAX = 1.7976931348623157e308
 
 
 class Header(msgspec.Struct, array_like=True, frozen=True, gc=False, forbid_unknown_fields=True):
-    """``[version, kind, run_id, seq, time, nbody, incarnation]``: decoded (and validated, in C) alone first.
+    """``[version, kind, run_id, seq, time, nbody, incarnation(, origin_incarnation, origin_seq)]``: decoded
+    (and validated, in C) alone first.
+
+    ``origin_*``: a message an earlier incarnation of the run sent and never saw acknowledged (its trainer
+    exited; a later client delivers what it left on disk) names where it was sent first, so a sidecar that
+    journaled it then takes it as a duplicate instead of logging it twice.
 
     ``run_id`` and ``incarnation`` must also match their patterns (``RUN_ID_PATTERN``,
     ``INCARNATION_PATTERN``) or be empty: checked by :func:`decode_header` (a regex per message is most of
@@ -58,6 +63,8 @@ class Header(msgspec.Struct, array_like=True, frozen=True, gc=False, forbid_unkn
     time: Annotated[float, Meta(ge=-_FLOAT_MAX, le=_FLOAT_MAX)]  # finite
     nbody: Annotated[int, Meta(ge=1, le=MAX_FRAMES - 1)]
     incarnation: Annotated[str, Meta(max_length=32)]
+    origin_incarnation: Annotated[str, Meta(max_length=32)] = ""
+    origin_seq: Annotated[int, Meta(ge=0, le=2**63 - 1)] = 0
 
 
 class Message(msgspec.Struct, gc=False):
@@ -101,8 +108,11 @@ def _scalar(obj: Any) -> Any:
 _plain_encoder = msgspec.msgpack.Encoder(enc_hook=_scalar)
 
 
-def encode_header(kind: Kind, run_id: str, seq: int, time: float, nbody: int = 1, incarnation: str = "") -> bytes:
-    return _plain_encoder.encode((PROTOCOL_VERSION, kind, run_id, seq, time, nbody, incarnation))
+def encode_header(kind: Kind, run_id: str, seq: int, time: float, nbody: int = 1, incarnation: str = "",
+                  origin: tuple[str, int] | None = None) -> bytes:
+    if origin is None:
+        return _plain_encoder.encode((PROTOCOL_VERSION, kind, run_id, seq, time, nbody, incarnation))
+    return _plain_encoder.encode((PROTOCOL_VERSION, kind, run_id, seq, time, nbody, incarnation, *origin))
 
 
 class _ArrayCollector:
@@ -176,6 +186,8 @@ def decode_header(frame: bytes) -> Header:
         _remember(_valid_run_ids, header.run_id, RUN_ID_PATTERN, "run_id")
     if header.incarnation not in _valid_incarnations:
         _remember(_valid_incarnations, header.incarnation, INCARNATION_PATTERN, "incarnation")
+    if header.origin_incarnation not in _valid_incarnations:
+        _remember(_valid_incarnations, header.origin_incarnation, INCARNATION_PATTERN, "origin_incarnation")
     if header.kind in SEQUENCED and (header.seq == 0 or not header.run_id or not header.incarnation):
         raise InvalidField(f"{header.kind} needs a run_id, an incarnation and a sequence number >= 1")
     return header

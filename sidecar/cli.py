@@ -82,7 +82,7 @@ def main() -> None:
 @click.option("--journal-trim-bytes", default=4 * 1024 * 1024, show_default=True, type=click.IntRange(min=1),
               envvar="WANDB_SIDECAR_JOURNAL_TRIM_BYTES",
               help="An open run's journal is compacted, up to what wandb provably holds, once it is this large.")
-@click.option("--max-run-queue", default=50_000, show_default=True, type=click.IntRange(min=1),
+@click.option("--max-run-queue", default=10_000, show_default=True, type=click.IntRange(min=1),
               envvar="WANDB_SIDECAR_MAX_RUN_QUEUE",
               help="Messages of a run held in memory for its wandb worker; past it the worker reads them back "
                    "from the journal.")

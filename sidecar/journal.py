@@ -127,7 +127,8 @@ class Journal:
                     f.flush()
                     if self.fsync:
                         os.fsync(f.fileno())
-                    self._sizes[run_id] = self._sizes.get(run_id, 0) + f.tell() - size
+                    if run_id in self._sizes:  # else counted from the files when asked
+                        self._sizes[run_id] += f.tell() - size
             except OSError as exc:
                 for run_id, (name, size) in touched.items():
                     self._rollback(run_id, name, size)

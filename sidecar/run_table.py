@@ -82,6 +82,12 @@ class RunState:
         """Does the current incarnation still own the run (a trainer is, or may be, streaming)?"""
         return self.state in ("active", "paused") and self.heard and not self.refused
 
+    def journaled_before(self, header: Header) -> bool:
+        """The message was journaled already, sent by an earlier incarnation whose trainer never saw the
+        acknowledgement (``origin_*``: a later client delivers what that one left on disk)."""
+        inc = header.origin_incarnation
+        return bool(inc) and inc != self.incarnation and header.origin_seq <= self.ended.get(inc, 0)
+
     def begin_incarnation(self, incarnation: str, first_seq: int) -> None:
         """A new incarnation takes the run over; its first message has ``first_seq``."""
         if self.incarnation and self.incarnation != incarnation:

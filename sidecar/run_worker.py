@@ -55,7 +55,7 @@ class RunWorker(threading.Thread):
         replay: Callable[[], Iterable[Message]] | None = None,
         trimmer: JournalTrimmer | None = None,
         delivery_gate: threading.Event | None = None,
-        max_queue: int = 50_000,
+        max_queue: int = 10_000,
         journaled: Callable[[int, int], Iterable[Message]] | None = None,
     ) -> None:
         super().__init__(name=f"run-{run_id}", daemon=True)

@@ -84,7 +84,7 @@ class SidecarServer:
         journal_dir: str,
         allow_roots: list[str],
         heartbeat_timeout: float = 60.0,
-        max_run_queue: int = 50_000,
+        max_run_queue: int = 10_000,
         max_backlog_bytes: int = MAX_BACKLOG_BYTES,
         fsync: bool = True,
         socket_setup: Any = None,
@@ -261,7 +261,10 @@ class SidecarServer:
                          f"this sidecar already serves {self.max_runs} live runs (--max-runs)")
             return
         verdict, st = self.table.admit(header, peer)
-        if verdict is Admit.ACCEPT:
+        if verdict is Admit.ACCEPT and st.journaled_before(header):
+            st.duplicates += 1  # in sequence for its new incarnation, but neither journaled nor logged again
+            batch.acks[key] = st
+        elif verdict is Admit.ACCEPT:
             self._accept(sock, peer, header, frames, st, batch)
         elif verdict in (Admit.DUPLICATE, Admit.GAP):
             batch.acks[key] = st  # tells the client where this incarnation stands

@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -273,3 +274,36 @@ def test_the_sidecar_owns_its_wandb_service_whatever_it_inherits(tmp_path: Path)
         sidecar.wait_for(lambda s: s["runs"]["ownsvc1"]["state"] == "finished")
         assert sidecar.stop() == 0
     assert read_runs(sidecar.wandb_dir)["ownsvc1"].steps() == [0]
+
+
+def test_messages_journaled_whose_ack_was_lost_are_not_logged_twice_when_delivered_later(tmp_path: Path) -> None:
+    """A trainer exits while the sidecar holds messages it never acknowledged (frozen here, then back): they
+    are journaled after all, and also on the trainer's disk. The next trainer of the run delivers the disk's
+    copy naming where each was sent first, and the sidecar takes those it has as duplicates. Rows without a
+    step: nothing in wandb's files could tell a second copy of them (the origin is all there is)."""
+    spill, init = tmp_path / "spill", {"resume": "allow"}
+    with SidecarProcess(tmp_path, "--heartbeat-timeout", "3") as sidecar:
+        assert sidecar.proc is not None
+        first = SidecarClient(sidecar.addr, run_id="lostack", init_kwargs=init, spill_dir=str(spill))
+        for i in range(1000):
+            first.log({"train/i": i})
+        assert first.flush(60)
+        os.kill(sidecar.proc.pid, signal.SIGSTOP)
+        try:
+            for i in range(1000, 3000):
+                first.log({"train/i": i})
+            assert not first.finish(timeout=2)  # nothing acknowledged: kept on disk
+        finally:
+            os.kill(sidecar.proc.pid, signal.SIGCONT)
+        # what reached the sidecar's socket before the trainer left is journaled now; its acks go nowhere
+        sidecar.wait_for(lambda s: s["runs"]["lostack"]["journaled_seq"] > 1001, timeout=60)
+        second = SidecarClient(sidecar.addr, run_id="lostack", init_kwargs=init, spill_dir=str(spill))
+        for i in range(3000, 3100):
+            second.log({"train/i": i})
+        assert second.finish(timeout=120), second.stats()
+        assert second.stats()["taken_over_from_earlier_trainer"] > 0
+        status = sidecar.wait_for(lambda s: s["runs"]["lostack"]["state"] == "finished", timeout=300)
+        assert status["runs"]["lostack"]["duplicates"] > 0  # some were journaled and on disk both
+        assert sidecar.stop() == 0
+    run = read_runs(sidecar.wandb_dir)["lostack"]
+    assert [row["train/i"] for row in run.history if "train/i" in row] == list(range(3100))

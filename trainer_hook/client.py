@@ -590,7 +590,10 @@ class _IOThread(threading.Thread):
         undelivered = len(self.window) + len(self.outbox)
         kept = 0
         if undelivered and client._refused is None and self.outbox.spill is not None:
-            unacked = [Packed(p.kind, p.frames[1:], p.time, p.nbytes, p.order) for p in self.window]
+            # sent here, maybe journaled with the acknowledgement lost: the client that delivers them later
+            # names where they went first, and the sidecar takes those it has as duplicates
+            unacked = [Packed(p.kind, p.frames[1:], p.time, p.nbytes, p.order, origin=(client.incarnation, p.seq))
+                       for p in self.window]
             try:
                 kept = self.outbox.keep_on_disk(unacked)
             except OSError as exc:  # what was already spilled stays valid on disk (rewrites are atomic)
@@ -692,7 +695,7 @@ class _IOThread(threading.Thread):
             self.seq += 1
             item.seq = self.seq
             item.frames.insert(0, encode_header(item.kind, client.run_id, item.seq, item.time, len(item.frames),
-                                                client.incarnation))
+                                                client.incarnation, item.origin))
             if not self.window:
                 self.last_progress = time.monotonic()
             self.window.append(item)

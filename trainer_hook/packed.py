@@ -19,6 +19,8 @@ class Packed:
     nbytes: int  # payload bytes of ``frames``
     order: int  # position in the order the caller queued messages (flush markers wait on it)
     seq: int = 0  # sequence number, once in the window
+    #: (incarnation, seq) this message was sent under before, unacknowledged, by a client that exited
+    origin: tuple[str, int] | None = None
 
     @property
     def cost(self) -> int:

@@ -32,7 +32,10 @@ MIN_SEGMENT_BYTES = 256 * 1024
 
 
 def record_bytes(item: Packed) -> bytes:
-    payload = msgpack.packb([item.kind.value, item.time, item.order, item.frames])
+    fields = [item.kind.value, item.time, item.order, item.frames]
+    if item.origin is not None:
+        fields += item.origin
+    payload = msgpack.packb(fields)
     return _LEN.pack(len(payload)) + payload
 
 
@@ -163,8 +166,9 @@ class SpillSegments:
         if len(payload) < n:
             return None
         try:
-            kind, t, order, frames = msgpack.unpackb(payload)
-            item = Packed(Kind(kind), list(frames), t, sum(len(f) for f in frames), order)
+            kind, t, order, frames, *origin = msgpack.unpackb(payload)
+            item = Packed(Kind(kind), list(frames), t, sum(len(f) for f in frames), order,
+                          origin=(str(origin[0]), int(origin[1])) if origin else None)
         except (ValueError, TypeError, msgpack.UnpackException):
             return None
         return item, _LEN.size + n

@@ -88,7 +88,7 @@ def _parse_record(data: bytes) -> Packed | None:
         return None
     n = int.from_bytes(data[:4], "little")
     try:
-        kind, t, order, frames = msgpack.unpackb(data[4:4 + n])
+        kind, t, order, frames, *_ = msgpack.unpackb(data[4:4 + n])
         return Packed(Kind(kind), list(frames), t, sum(len(f) for f in frames), order)
     except (ValueError, TypeError, msgpack.UnpackException):
         return None
