@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 import wandb
 
 from sidecar.readback import read_runs
-from sidecar.wandb_files import persisted
+from sidecar.wandb_files import max_step_in, persisted
 
 
 def test_a_run_directory_made_in_the_same_second_as_the_previous_one_is_read(tmp_path: Path,
@@ -22,6 +23,10 @@ def test_a_run_directory_made_in_the_same_second_as_the_previous_one_is_read(tmp
     run.finish()
     root = tmp_path / "wandb"
     (first,) = root.glob("offline-run-*")
+    deadline = time.monotonic() + 120  # wandb's service may still be closing the file when finish() returns
+    while max_step_in(first / "run-quick-1.wandb") != 2:
+        assert time.monotonic() < deadline, "wandb's file never showed the three steps"
+        time.sleep(0.1)
     # a resume within the same second: wandb names the new directory "<name>-1" (seen after a quick restart)
     shutil.copytree(first, root / f"{first.name}-1")
     runs = read_runs(tmp_path)
