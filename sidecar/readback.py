@@ -11,9 +11,11 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
 @dataclass
@@ -69,12 +71,28 @@ def _inspect_command(run_file: Path) -> list[str]:
         return [cli, "leet", "inspect", "--json", str(run_file)]
 
 
-def inspect(run_file: Path, timeout: float | None = None) -> list[dict[str, Any]]:
-    """Every record of a run's ``.wandb`` file, as wandb's own reader prints them (one JSON object a line).
+def inspect(run_file: Path, timeout: float | None = None) -> Iterator[dict[str, Any]]:
+    """Every record of a run's ``.wandb`` file, as wandb's own reader prints them (one JSON object a line),
+    streamed: a run of a million rows is never held in memory (the sidecar scans old runs at a restart).
     Raises ``subprocess.SubprocessError`` (the command failed or timed out) or ``ValueError`` (bad JSON)."""
-    out = subprocess.run(_inspect_command(Path(run_file)), check=True, capture_output=True, text=True,
-                         env={**os.environ, "WANDB_SILENT": "true"}, timeout=timeout)
-    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+    cmd = _inspect_command(Path(run_file))
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with tempfile.TemporaryFile() as err, subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=err, text=True, env={**os.environ, "WANDB_SILENT": "true"}) as proc:
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                if line.strip():
+                    yield json.loads(line)
+                if deadline is not None and time.monotonic() > deadline:
+                    raise subprocess.TimeoutExpired(cmd, timeout or 0)
+            code = proc.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        if code:
+            err.seek(0)
+            raise subprocess.CalledProcessError(code, cmd, stderr=err.read().decode(errors="replace")[-2000:])
 
 
 def _apply(run: RunRecords, rec: dict[str, Any]) -> None:
