@@ -488,7 +488,9 @@ class _IOThread(threading.Thread):
                 self._fill_window()
                 self._send(sock)
                 self._heartbeat(sock)
-                self._read_replies(sock, timeout_ms=0 if client._pending else 20)
+                # more to pack at once: only look for replies; a checkpoint being copied: do not spin
+                more = bool(client._pending) and self.spooling is None
+                self._read_replies(sock, timeout_ms=0 if more else 1 if client._pending else 20)
                 self._resolve_markers()
                 self._warn_if_nobody_answers()
                 if client._stop.is_set() or (client._orphan is not None and self._orphan_done()):
