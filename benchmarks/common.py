@@ -1,4 +1,4 @@
-"""Shared bits of the benchmarks: percentiles, a sidecar process, the results table."""
+"""Shared bits of the benchmarks: percentiles, a process's CPU and memory, the results table."""
 
 from __future__ import annotations
 
@@ -38,3 +38,17 @@ def table(rows: list[list[Any]], header: list[str]) -> str:
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     return "\n".join("  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths)))
                      for r in cells)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def memory_bytes(pid: int | str, field: str = "VmRSS") -> int:
+    """``VmRSS`` (resident now) or ``VmHWM`` (peak) of a process (``"self"``: this one), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0

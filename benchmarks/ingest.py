@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import ROOT
+from benchmarks.common import ROOT, cpu_seconds
 
 _PULL = """
 import sys, msgpack, zmq
@@ -64,12 +64,6 @@ def raw_floor(calls: int) -> float:
     return calls / seconds
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far (all its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def trainer_to_sidecar(addr: str, calls: int, block: int, profile: str | None = None,
                        sidecar_pid: int | None = None) -> dict[str, float]:
     """msg/s of ``log()`` calls until the last ``flush()`` returned (everything journaled and acked), and
@@ -80,7 +74,7 @@ def trainer_to_sidecar(addr: str, calls: int, block: int, profile: str | None = 
     assert client.flush(60)  # the run start is in: measure the metrics only
     data = _body(0)["data"]
     prof = cProfile.Profile() if profile else None
-    side0 = _cpu_seconds(sidecar_pid) if sidecar_pid else 0.0
+    side0 = cpu_seconds(sidecar_pid) if sidecar_pid else 0.0
     own0 = time.process_time()
     t0 = time.perf_counter()
     if prof:
@@ -94,7 +88,7 @@ def trainer_to_sidecar(addr: str, calls: int, block: int, profile: str | None = 
         prof.dump_stats(profile)
     seconds = time.perf_counter() - t0
     own = time.process_time() - own0
-    side = _cpu_seconds(sidecar_pid) - side0 if sidecar_pid else 0.0
+    side = cpu_seconds(sidecar_pid) - side0 if sidecar_pid else 0.0
     assert client.finish(timeout=300), client.stats()
     return {"per_s": calls / seconds, "trainer_cpu_us": own / calls * 1e6, "sidecar_cpu_us": side / calls * 1e6}
 

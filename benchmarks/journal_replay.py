@@ -13,23 +13,15 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import memory_bytes
 from benchmarks.journal_stores import open_store
-
-
-def _status(field: str) -> int:
-    """``VmRSS``/``VmHWM`` in bytes (``ru_maxrss`` would carry the parent's peak across the fork)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def replay(kind: str, root: Path, after: int, limit_bytes: int, segment_bytes: int) -> dict[str, Any]:
     """Stream every record above ``after``; keep only a count, the order and a CRC of the frames."""
     t0 = time.perf_counter()
     store = open_store(kind, root, limit_bytes, segment_bytes)
-    base = _status("VmRSS")
+    base = memory_bytes("self", "VmRSS")
     count, first, last, consecutive, crc = 0, 0, after, True, 0
     for index, frames in store.replay(after):
         consecutive = consecutive and index == last + 1
@@ -40,7 +32,7 @@ def replay(kind: str, root: Path, after: int, limit_bytes: int, segment_bytes: i
             crc = zlib.crc32(frame, crc)
     seconds = time.perf_counter() - t0
     store.close()
-    peak = _status("VmHWM")
+    peak = memory_bytes("self", "VmHWM")
     return {"seconds": seconds, "rss_delta_bytes": max(0, peak - base), "count": count, "first": first,
             "last": last, "consecutive": consecutive, "crc": crc}
 

@@ -18,19 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import write_json
+from benchmarks.common import memory_bytes, write_json
 
 BLOCK = 20_000
 GOAL_JOURNAL = 8 * 1024 * 1024
 GOAL_RSS_GROWTH = 20 * 1024 * 1024
-
-
-def _rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def _dir_bytes(path: Path) -> int:
@@ -55,7 +47,7 @@ def soak(root: Path, messages: int) -> dict[str, Any]:
             raise RuntimeError(f"block at {start} not acknowledged: {client.stats()}")
         journal_max = max(journal_max, _dir_bytes(sidecar.journal))
         if not rss_10 and start + BLOCK >= messages // 10:
-            rss_10 = _rss(sidecar.proc.pid)
+            rss_10 = memory_bytes(sidecar.proc.pid)
         if start + BLOCK in kill_at:
             sidecar.kill()
             sidecar = SidecarProcess(root, port=sidecar.port).start()
@@ -63,7 +55,7 @@ def soak(root: Path, messages: int) -> dict[str, Any]:
     sidecar.wait_for(lambda s: s["runs"]["soak"]["lag"] <= 1, timeout=3600)
     time.sleep(6)  # let the worker's periodic look at the journal run once more (no assertion waits on it)
     journal_end = _dir_bytes(sidecar.journal)
-    rss_end = _rss(sidecar.proc.pid)
+    rss_end = memory_bytes(sidecar.proc.pid)
     ok = client.finish(timeout=600)
     assert sidecar.stop(timeout=1800) == 0
     total = time.perf_counter() - t0

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -19,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ROOT
+from benchmarks.common import ROOT, cpu_seconds, memory_bytes
 
 _TRAINER = """
 import json, sys, time
@@ -35,18 +34,6 @@ for step in range(steps):
 ok = client.finish(timeout=300)
 print(json.dumps({"ok": ok, "finished_at": time.time(), "late_s": time.monotonic() - t0 - steps / rate}))
 """
-
-
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):  # peak resident set size
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _machine_busy() -> tuple[float, float]:
@@ -66,7 +53,7 @@ def sweep(trainers: int, seconds: float, rate: float = 100.0) -> dict[str, Any]:
                                   cwd=ROOT, stdout=subprocess.PIPE, text=True) for i in range(trainers)]
         worst_lag, polls = 0, 0
         lags: list[int] = []  # the worst lag of each poll: the start (wandb.init of every run) vs steady state
-        cpu0, (busy0, total0), t0 = _cpu_s(sidecar.proc.pid), _machine_busy(), time.monotonic()
+        cpu0, (busy0, total0), t0 = cpu_seconds(sidecar.proc.pid), _machine_busy(), time.monotonic()
         while any(p.poll() is None for p in procs):
             status = sidecar.status(timeout=10)
             runs = [r for name, r in status["runs"].items() if name.startswith("sweep")]
@@ -74,7 +61,7 @@ def sweep(trainers: int, seconds: float, rate: float = 100.0) -> dict[str, Any]:
             worst_lag = max(worst_lag, lags[-1])
             polls += 1
             time.sleep(0.2)
-        sidecar_cpu = (_cpu_s(sidecar.proc.pid) - cpu0) / (time.monotonic() - t0)
+        sidecar_cpu = (cpu_seconds(sidecar.proc.pid) - cpu0) / (time.monotonic() - t0)
         busy1, total1 = _machine_busy()
         results = [json.loads(p.stdout.read().strip().splitlines()[-1]) for p in procs]
         last_finish = max(r["finished_at"] for r in results)
@@ -82,7 +69,7 @@ def sweep(trainers: int, seconds: float, rate: float = 100.0) -> dict[str, Any]:
                                                 if n.startswith("sweep")) == trainers, timeout=600)
         all_finished = time.time() - last_finish
         delivered = sum(r["delivered_seq"] for r in status["runs"].values())
-        rss = _rss_mb(sidecar.proc.pid)
+        rss = memory_bytes(sidecar.proc.pid, "VmHWM") / 2**20
         assert sidecar.stop(600) == 0
     return {"trainers": trainers, "steps_each": steps, "all_acked": all(r["ok"] for r in results),
             "worst_lag_steps": worst_lag, "status_polls": polls, "finished_after_last_finish_s": all_finished,
