@@ -21,6 +21,7 @@ if not mmdet.__version__.startswith("2."):
 
 from sidecar.readback import RunRecords, read_runs  # noqa: E402
 from tests.sent_predictions import assert_table_shows, load as load_sent  # noqa: E402
+from tests.resumed_run import assert_each_epochs_artifacts_once  # noqa: E402
 from tests.sidecar_process import SidecarProcess  # noqa: E402
 
 pytestmark = [pytest.mark.mmdet2, pytest.mark.slow]
@@ -293,13 +294,7 @@ def test_resume_from_a_checkpoint_with_the_same_run_id_continues_one_wandb_run(r
     # every training step but epoch 2's first (see the next test) holds its training metrics
     assert [row["_step"] for row in run.history if "train/loss" in row] == [s for s in train_steps if s != per_epoch + 1]
 
-    models = run.artifacts_named(f"run_{run.run_id}_model")
-    assert [(sorted(a.aliases), list(a.files)) for a in models] == [
-        (["epoch_1", "latest"], ["epoch_1.pth"]), (["epoch_2", "latest"], ["epoch_2.pth"])]
-    assert [m.metadata["epoch"] for m in models] == [1, 2]
-    preds = run.artifacts_named(f"run_{run.run_id}_pred")
-    assert [sorted(a.aliases) for a in preds] == [["epoch_1", "latest"], ["epoch_2", "latest"]]
-    assert len(run.artifacts_named("val")) == 1  # the validation table once, not again by the second trainer
+    assert_each_epochs_artifacts_once(run, run.run_id)
 
 
 @pytest.mark.xfail(strict=True, reason=(

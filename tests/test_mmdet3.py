@@ -23,6 +23,7 @@ if not mmdet.__version__.startswith("3."):
 
 from sidecar.readback import Artifact, RunRecords, read_runs  # noqa: E402
 from examples.mmdet2.synthetic_coco import make_coco_dataset  # noqa: E402
+from tests.resumed_run import assert_each_epochs_artifacts_once  # noqa: E402
 from tests.sidecar_process import SidecarProcess  # noqa: E402
 from tests.sent_predictions import assert_table_shows, load as load_sent  # noqa: E402
 from tests.stream_client import value  # noqa: E402
@@ -540,10 +541,4 @@ def test_resume_with_the_same_run_id_continues_one_wandb_run(tmp_path: Path, dat
         assert TRAIN_KEYS <= set(row), row
     assert [row["_step"] for row in run.history if VAL_KEYS <= set(row)] == val_steps
 
-    models = run.artifacts_named(f"run_{run_id}_model")
-    assert [(sorted(m.aliases), list(m.files)) for m in models] == [
-        (["epoch_1", "latest"], ["epoch_1.pth"]), (["epoch_2", "latest"], ["epoch_2.pth"])]
-    assert [m.metadata["epoch"] for m in models] == [1, 2]
-    preds = run.artifacts_named(f"run_{run_id}_pred")
-    assert [sorted(p.aliases) for p in preds] == [["epoch_1", "latest"], ["epoch_2", "latest"]]
-    assert len(run.artifacts_named("val")) == 1  # the validation table once, not again by the second trainer
+    assert_each_epochs_artifacts_once(run, run_id)
