@@ -74,9 +74,9 @@ class Journal:
     def segments(self, run_id: str) -> list[tuple[int, Path]]:
         """``(first index, path)`` of a run's segments, in order."""
         out = []
-        for p in self.root.glob(f"{run_id}.*log"):
+        for p in self.root.glob(f"{run_id}.*log"):  # run ids have no dots: only this run's files match
             first = p.name[len(run_id) + 1:-4]
-            if p.name.startswith(run_id + ".") and (first == "" or first.isdigit()):
+            if first == "" or first.isdigit():
                 out.append((int(first or 0), p))
         return sorted(out)
 
