@@ -1,7 +1,8 @@
 """A node's sweep into one sidecar: N trainer processes at once, each logging 20 scalars at 100 steps/s.
 
 Measured from the outside, as an operator would: the worst delivery lag any run shows in
-``wandb-sidecar status`` while they train (journaled - delivered, one message per step), how long after
+``wandb-sidecar status`` while they train (``lag_steps``: the trainer's newest step minus the newest step
+wandb has a committed row of; a run still in ``wandb.init`` counts too), how long after
 the last trainer's ``finish()`` returned every run is finished in wandb, and the sidecar's peak RSS.
 
     python -m benchmarks.sweep [--trainers 16] [--seconds 20]
@@ -57,7 +58,7 @@ def sweep(trainers: int, seconds: float, rate: float = 100.0) -> dict[str, Any]:
         while any(p.poll() is None for p in procs):
             status = sidecar.status(timeout=10)
             runs = [r for name, r in status["runs"].items() if name.startswith("sweep")]
-            lags.append(max([0, *(r["lag"] for r in runs if r["state"] == "active")]))
+            lags.append(max([0, *(r["lag_steps"] for r in runs if r["state"] == "active")]))
             worst_lag = max(worst_lag, lags[-1])
             polls += 1
             time.sleep(0.2)

@@ -1,7 +1,7 @@
 """The wire protocol between the trainer-side hook and the sidecar. No wandb, mmcv or torch here."""
 
 from .counters import Counters
-from .codec import Header, Message, decode, decode_body, decode_header, encode, encode_body, encode_header, split
+from .codec import Header, Message, decode, decode_body, decode_header, encode, encode_body, encode_header, row_count, split
 from .errors import (
     InvalidField,
     LimitExceeded,
@@ -41,5 +41,6 @@ __all__ = [
     "encode",
     "encode_body",
     "encode_header",
+    "row_count",
     "split",
 ]

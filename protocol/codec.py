@@ -34,10 +34,11 @@ from .limits import (
     MAX_FRAME_BYTES,
     MAX_FRAMES,
     MAX_HEADER_BYTES,
+    MAX_ROWS_PER_MESSAGE,
     PROTOCOL_VERSION,
     RUN_ID_PATTERN,
 )
-from .schema import BODIES, Body
+from .schema import BODIES, Body, MetricRows
 
 _ARRAY_EXT = 1
 _KINDS = {k.value: k for k in Kind}
@@ -76,6 +77,8 @@ class Message(msgspec.Struct, gc=False):
     #: Not on the wire: the receiver's position of this message in its run's journal (one counter per run
     #: across incarnations), which orders delivery and compaction.
     index: int = 0
+    #: Not on the wire: the rows of a ``metric_rows`` message refused on decoding (the others are kept).
+    problems: tuple[ProtocolError, ...] = ()
 
     @property
     def kind(self) -> Kind:
@@ -290,19 +293,61 @@ def decode_body(header: Header, frames: Sequence[bytes]) -> Message:
                                           dec_hook=_arrays_only)
     else:
         decoder = _body_decoders[header.kind]
+    problems: tuple[ProtocolError, ...] = ()
     try:
         body = decoder.decode(data)
     except msgspec.ValidationError as exc:
-        text = str(exc)
-        if _LENGTH_LIMIT.search(text):
-            raise LimitExceeded(f"{header.kind}: {text}") from None
-        raise InvalidField(f"{header.kind}: {text}") from None
+        if header.kind is not Kind.METRIC_ROWS:
+            raise _validation_error(header.kind, exc) from None
+        body, problems = _valid_rows(data, exc)
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise MalformedFrame(f"body is not valid msgpack ({type(exc).__name__}: {exc})") from None
     except RecursionError:
         raise LimitExceeded("body nested too deeply") from None
     body.check()
-    return Message(header, body)
+    return Message(header, body, problems=problems)
+
+
+def _validation_error(kind: Kind, exc: msgspec.ValidationError) -> ProtocolError:
+    text = str(exc)
+    return (LimitExceeded if _LENGTH_LIMIT.search(text) else InvalidField)(f"{kind}: {text}")
+
+
+class _RawRows(msgspec.Struct, forbid_unknown_fields=True):
+    rows: Annotated[list[msgspec.Raw], Meta(min_length=1, max_length=MAX_ROWS_PER_MESSAGE)]
+
+
+_raw_rows_decoder = msgspec.msgpack.Decoder(_RawRows)
+
+
+def row_count(body: bytes) -> int:
+    """The rows of an encoded ``metric_rows`` body, without decoding them."""
+    try:
+        return len(_raw_rows_decoder.decode(body).rows)
+    except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError) as exc:
+        raise MalformedFrame(f"not a metric_rows body ({type(exc).__name__})") from None
+
+
+def _valid_rows(data: bytes, exc: msgspec.ValidationError) -> tuple[MetricRows, tuple[ProtocolError, ...]]:
+    """A ``metric_rows`` body that failed validation: each row judged alone, as its own ``metrics`` message
+    would have been, so one bad value costs its row, not the up to 1,024 calls packed beside it. Raises
+    when the message itself is bad, or no row is valid."""
+    try:
+        raw = _raw_rows_decoder.decode(data)
+    except msgspec.ValidationError:
+        raise _validation_error(Kind.METRIC_ROWS, exc) from None
+    rows, problems = [], []
+    decoder = _body_decoders[Kind.METRICS]
+    for i, row in enumerate(raw.rows):
+        try:
+            rows.append(decoder.decode(row))
+        except msgspec.ValidationError as row_exc:
+            problems.append(_validation_error(Kind.METRIC_ROWS, msgspec.ValidationError(f"row {i}: {row_exc}")))
+        except ProtocolError as row_exc:  # from the ext hook: an array where a scalar belongs
+            problems.append(type(row_exc)(f"{Kind.METRIC_ROWS}: row {i}: {row_exc.detail}"))
+    if not rows:
+        raise problems[0]
+    return MetricRows(rows=rows), tuple(problems)
 
 
 def decode(frames: Sequence[bytes]) -> Message:

@@ -9,6 +9,7 @@ class Kind(StrEnum):
     # trainer -> sidecar, sequenced (journaled, acknowledged, exactly once)
     RUN_START = "run_start"
     METRICS = "metrics"
+    METRIC_ROWS = "metric_rows"  # consecutive ``log()`` calls in one message (see protocol.schema.MetricRows)
     CHECKPOINT = "checkpoint"
     VAL_DATA = "val_data"
     PRED_BATCH = "pred_batch"
@@ -26,8 +27,8 @@ class Kind(StrEnum):
 
 #: Kinds that carry a sequence number and are journaled.
 SEQUENCED = frozenset(
-    {Kind.RUN_START, Kind.METRICS, Kind.CHECKPOINT, Kind.VAL_DATA, Kind.PRED_BATCH, Kind.IMAGE, Kind.CONFIG,
-     Kind.RUN_FINISH}
+    {Kind.RUN_START, Kind.METRICS, Kind.METRIC_ROWS, Kind.CHECKPOINT, Kind.VAL_DATA, Kind.PRED_BATCH, Kind.IMAGE,
+     Kind.CONFIG, Kind.RUN_FINISH}
 )
 #: Kinds the client must never drop, whatever its queues look like.
 NEVER_DROPPED = frozenset({Kind.RUN_START, Kind.CHECKPOINT, Kind.VAL_DATA, Kind.CONFIG, Kind.RUN_FINISH})

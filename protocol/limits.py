@@ -25,6 +25,8 @@ MAX_KEY_LEN = 256
 MAX_STR_LEN = 64 * 1024
 MAX_CONTAINER_LEN = 1_000_000
 MAX_METRICS_PER_MESSAGE = 10_000
+#: ``log()`` calls one ``metric_rows`` message may carry (the client packs at most 1,024 per message).
+MAX_ROWS_PER_MESSAGE = 4096
 #: Depth of free-form values (config, init_kwargs, metadata), counted from the body.
 MAX_NESTING = 32
 

@@ -31,6 +31,7 @@ from .limits import (
     MAX_KEY_LEN,
     MAX_METRICS_PER_MESSAGE,
     MAX_NESTING,
+    MAX_ROWS_PER_MESSAGE,
     MAX_STR_LEN,
 )
 
@@ -87,13 +88,21 @@ class Body(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, gc=Fa
 
     def to_dict(self) -> dict[str, Any]:
         """The fields that were sent, nested bodies as dicts too."""
-        return {k: v.to_dict() if isinstance(v, Body) else v for k, v in self.items()}
+        return {k: _plain(v) for k, v in self.items()}
 
     def check(self) -> None:
         """Rules between fields, or on values, that the types cannot say. Raises ProtocolError."""
 
 
 Mapping.register(Body)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Body):
+        return value.to_dict()
+    if type(value) is list and value and isinstance(value[0], Body):
+        return [v.to_dict() for v in value]
+    return value
 
 
 def check_tree(value: Any, what: str, depth: int = 1) -> None:
@@ -172,6 +181,22 @@ class Metrics(Body):
     data: Annotated[dict[Name, Scalar], Meta(max_length=MAX_METRICS_PER_MESSAGE)]
     step: Count | None | UnsetType = UNSET
     commit: bool | UnsetType = UNSET
+
+
+class MetricRows(Body):
+    """Consecutive ``log()`` calls of one trainer, in order, as one message: one sequence number, one
+    journal record, one admission for all of them (per-message work is what limits a Python receiver).
+
+    Only the last row may be without a step or with ``commit=False``: a row held open for its step is then
+    always the message's last, so "everything before this message's journal index reached wandb" stays
+    exact (see ``sidecar.run_worker``)."""
+
+    rows: Annotated[list[Metrics], Meta(min_length=1, max_length=MAX_ROWS_PER_MESSAGE)]
+
+    def check(self) -> None:
+        for i, row in enumerate(self.rows[:-1]):
+            if row.step is UNSET or row.step is None or row.commit is False:
+                raise InvalidField(f"metric_rows: row {i} has no step or commit=False, but is not the last row")
 
 
 class Checkpoint(Body):
@@ -303,6 +328,7 @@ class StatusReply(Body):
 BODIES: dict[Kind, type[Body]] = {
     Kind.RUN_START: RunStart,
     Kind.METRICS: Metrics,
+    Kind.METRIC_ROWS: MetricRows,
     Kind.CHECKPOINT: Checkpoint,
     Kind.VAL_DATA: ValData,
     Kind.PRED_BATCH: PredBatch,

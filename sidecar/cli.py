@@ -84,8 +84,8 @@ def main() -> None:
               help="An open run's journal is compacted, up to what wandb provably holds, once it is this large.")
 @click.option("--max-run-queue", default=10_000, show_default=True, type=click.IntRange(min=1),
               envvar="WANDB_SIDECAR_MAX_RUN_QUEUE",
-              help="Messages of a run held in memory for its wandb worker; past it the worker reads them back "
-                   "from the journal.")
+              help="Messages of a run held in memory for its wandb worker (a batch of log calls counts each call); "
+                   "past it the worker reads them back from the journal.")
 @click.option("--max-run-backlog-bytes", default=4 * 1024**3, show_default=True, type=click.IntRange(min=1),
               envvar="WANDB_SIDECAR_MAX_RUN_BACKLOG_BYTES",
               help="A run's journal (what wandb does not hold yet) beyond this stops being acknowledged: its "

@@ -56,6 +56,7 @@ class RunState:
     index_base: int = 0  # journal index of the current incarnation's message ``seq`` is index_base + seq
     last_index: int = 0  # highest journal index given out
     delivered_index: int = 0  # highest journal index that reached wandb
+    last_step: int = -1  # highest explicit step the trainer sent (status: how many steps wandb is behind)
     ended: collections.OrderedDict[str, int] = field(default_factory=collections.OrderedDict)  # inc -> last seq
     heard: bool = True  # the current incarnation has spoken since this state was made (False after recovery)
     refused: str = ""  # why the current incarnation is refused ('' when it is not): a reason code
@@ -77,6 +78,15 @@ class RunState:
     state: str = "active"
     replay_at: float = 0.0  # incomplete: when to replay the journal into wandb again
     replay_delay: float = 0.0  # the next wait before a replay (doubles, from the server's replay_backoff)
+
+    def saw_step(self, body: Any) -> None:
+        """A metrics body was accepted: remember its (last row's) step."""
+        rows = body.rows if "rows" in body else [body]
+        step = rows[-1].step
+        if type(step) is not int and len(rows) > 1:  # only the last row may be without a step
+            step = rows[-2].step
+        if type(step) is int and step > self.last_step:
+            self.last_step = step
 
     def live(self) -> bool:
         """Does the current incarnation still own the run (a trainer is, or may be, streaming)?"""

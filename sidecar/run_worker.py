@@ -40,6 +40,10 @@ ARTIFACT_ATTEMPTS = 3
 _ARTIFACT_KINDS = frozenset({Kind.CHECKPOINT, Kind.VAL_DATA, Kind.PRED_BATCH})
 
 
+def _weight(msg: Message) -> int:
+    return len(msg.body["rows"]) if msg.kind is Kind.METRIC_ROWS else 1
+
+
 class RunWorker(threading.Thread):
     def __init__(
         self,
@@ -76,9 +80,12 @@ class RunWorker(threading.Thread):
         self.thread_done = False  # the thread is done; offer() refuses
         self._start_msg: Message | None = start  # the run start wandb.init uses (a resume after a restart)
         self._replay = replay  # journaled messages to apply before the queue (recovery, incomplete runs)
-        #: Messages in memory are at most ``max_queue``; past it the worker reads them from the journal
-        #: (``journaled(after, upto)``), so a burst or a slow wandb costs disk, never memory or acks.
+        #: Messages in memory are at most ``max_queue`` (a ``metric_rows`` message counts its rows: those are
+        #: what hold memory); past it the worker reads them from the journal (``journaled(after, upto)``), so
+        #: a burst or a slow wandb costs disk, never memory or acks. Each count is written by one thread.
         self.max_queue = max_queue
+        self.offered = 0  # by the receiver
+        self.taken = 0  # by this worker
         self._journaled = journaled
         self.backlog_upto = 0  # while non-zero: offered messages up to this index wait in the journal
         self.trimmer = trimmer  # compacts the open run's journal up to what wandb holds
@@ -90,6 +97,7 @@ class RunWorker(threading.Thread):
         #: What each kind does in wandb (run start and finish are the worker's own steps, see _apply).
         self._apply_kind: dict[Kind, Callable[[Message], None]] = {
             Kind.METRICS: self.sink.metrics,
+            Kind.METRIC_ROWS: lambda msg: self.sink.metric_rows(msg, msg.index <= self.delivered),
             Kind.CHECKPOINT: self.sink.checkpoint,
             Kind.VAL_DATA: self.sink.val_data,
             Kind.PRED_BATCH: self.sink.pred_batch,
@@ -98,7 +106,12 @@ class RunWorker(threading.Thread):
         }
 
     def submit(self, msg: Message) -> None:
+        self.offered += _weight(msg)
         self.queue.put(msg)
+
+    def queued(self) -> int:
+        """Messages in the queue (rows of ``metric_rows`` messages counted one by one)."""
+        return max(0, self.offered - self.taken)
 
     def offer(self, msg: Message) -> bool:
         """Take ``msg`` (journaled already) unless this worker has ended (the server then starts a new one
@@ -109,10 +122,11 @@ class RunWorker(threading.Thread):
                 return False
             if self.backlog_upto:
                 self.backlog_upto = msg.index
-            elif self._journaled is not None and self.queue.qsize() >= self.max_queue:
+            elif self._journaled is not None and self.offered - self.taken >= self.max_queue:
                 self.backlog_upto = msg.index
                 self.queue.put((_BACKLOG, msg.index))
             else:
+                self.offered += _weight(msg)
                 self.queue.put(msg)
             return True
 
@@ -154,6 +168,7 @@ class RunWorker(threading.Thread):
                 self._read_backlog(item[1])
             else:
                 assert isinstance(item, Message)
+                self.taken += _weight(item)
                 if self._gate is not None and not self._gate.is_set():
                     self._gate.wait(1.0)  # ingest first (SidecarServer.delivery_gate); bounded, never stuck
                 self._apply_with_retry(item)

@@ -295,7 +295,18 @@ class SidecarServer:
                 st.refused, st.state = exc.reason, "refused"  # nothing more of this incarnation is taken
                 st.refused_detail = exc.detail
             return
+        if msg.problems:  # rows of a metric_rows message refused alone; the rest are taken
+            for problem in msg.problems:
+                st.reject(problem.reason)
+                self._reject(peer, problem, header)
+            first = msg.problems[0]
+            self._send(sock, peer, Kind.REJECT, header.run_id, header.seq,
+                       {"reason": first.reason, "detail": (f"{len(msg.problems)} row(s) refused, the other "
+                                                           f"{len(msg.body['rows'])} taken; {first.detail}")[:500],
+                        "rejected_seq": header.seq}, header.incarnation)
         msg.index = st.last_index
+        if header.kind is Kind.METRIC_ROWS or header.kind is Kind.METRICS:
+            st.saw_step(msg.body)
         batch.accepted.append((st, msg, frames))
 
     def _refuse(self, batch: ReceiveBatch, key: tuple[bytes, str, str], header: Header, reason: str,

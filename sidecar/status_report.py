@@ -38,7 +38,9 @@ def status_report(server: "SidecarServer") -> dict[str, Any]:
             "worker": w.state if w is not None else "none",
             "project": (start.get("init_kwargs") or {}).get("project"),
             "client": {"host": client.get("host"), "pid": client.get("pid")} if client else {},
-            "queue": w.queue.qsize() if w is not None else 0,
+            # steps the trainer sent that wandb has no committed row of (the newest is held open for its step)
+            "lag_steps": max(0, st.last_step - w.sink.last_step_logged) if w is not None and st.last_step >= 0 else 0,
+            "queue": w.queued() if w is not None else 0,  # in memory; rows of metric_rows one by one
             "backlog": w.backlog() if w is not None else 0,  # in the journal, past the queue's bound
             "journal_bytes": server.journal.size(st.run_id),
             "journal_trimmed_bytes": w.trimmer.trimmed_bytes if w is not None and w.trimmer is not None else 0,

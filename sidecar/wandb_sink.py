@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import wandb
+from msgspec import UNSET
 
 from protocol import Counters, Kind, Message
 from protocol.limits import SPOOL_DIR_NAME
@@ -129,6 +130,8 @@ class WandbSink:
     def already_logged(self, msg: Message) -> bool | None:
         """Is this message's data in wandb's files already? None when that cannot be told from them."""
         body = msg.body
+        if msg.kind is Kind.METRIC_ROWS:
+            return False  # decided row by row (metric_rows)
         if msg.kind in (Kind.METRICS, Kind.IMAGE):
             return None if body.get("step") is None else body["step"] <= self.persisted.max_step
         if msg.kind is Kind.CHECKPOINT:
@@ -208,6 +211,24 @@ class WandbSink:
     def metrics(self, msg: Message) -> None:
         body = msg.body
         self._log_rows(self.rows.add(body["data"], body.get("step"), body.get("commit", True), msg.index))
+
+    def metric_rows(self, msg: Message, delivered: bool) -> None:
+        """Each row as its own ``metrics`` message would be: a row whose step wandb's files hold already is
+        skipped, and a row without a step (only ever the last) when the message was delivered (``delivered``:
+        its journal index is at or below the worker's delivered mark, after a restart)."""
+        persisted, rows = self.persisted.max_step, self.rows
+        for row in msg.body["rows"]:
+            step = row.step
+            if step is None or step is UNSET:
+                if delivered:
+                    self.count("replay_skipped")
+                    continue
+                step = None
+            elif step <= persisted:
+                self.count("replay_skipped")
+                continue
+            commit = row.commit
+            self._log_rows(rows.add(row.data, step, commit is not False, msg.index))
 
     def image(self, msg: Message) -> None:
         """An image joins its step's row like metrics (``wandb.Image`` encodes it when the row is logged)."""

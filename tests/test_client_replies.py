@@ -49,7 +49,7 @@ def test_run_in_use_keeps_every_message_and_lands_once_the_other_trainer_ends(ca
         other_alive.clear()  # the other trainer ended: the resends are accepted now
         assert client.finish(timeout=60), client.stats()
         stats = client.stats()
-    assert stats["acked_seq"] == 22  # run start + 20 metrics + finish, none dropped
+    assert stats["acked"] == 22  # run start + 20 metrics + finish, none dropped
     assert stats.get("undelivered", 0) == 0
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR and "another live trainer" in r.getMessage()]
     assert len(errors) == 1, "run_in_use is logged once, loudly"
@@ -145,7 +145,7 @@ def test_no_sidecar_warns_once_then_says_when_one_answers(tmp_path: Path) -> Non
             proc.kill()
     rest = "".join(lines.queue)
     result = json.loads(out)
-    assert result["ok"] and result["acked_seq"] == result["steps"] + 2
+    assert result["ok"] and result["acked"] == result["steps"] + 2
     assert "no answer" not in rest and "answers now" not in rest, "each line once"
     assert sidecar.stop() == 0
 

@@ -84,7 +84,7 @@ def _table(text: str) -> dict[str, dict[str, str]]:
 def test_status_json_and_table_show_what_was_sent(sidecar: SidecarProcess, tmp_path: Path) -> None:
     client = _stream(sidecar, tmp_path, "opsrun")
     assert client.flush(timeout=30)
-    sent = 1 + STEPS + 1
+    sent = client.stats()["acked_seq"]  # messages: start, the metrics (batched as they waited), checkpoint
     st = sidecar.wait_for(lambda s: s["runs"].get("opsrun", {}).get("wandb", {}).get("checkpoints") == 1
                           and s["runs"]["opsrun"]["delivered_seq"] >= sent - 2)
     run = st["runs"]["opsrun"]
@@ -150,6 +150,7 @@ def test_status_exits_1_when_nothing_listens() -> None:
 def test_status_watch_refreshes(sidecar: SidecarProcess, tmp_path: Path) -> None:
     client = _stream(sidecar, tmp_path, "watched", steps=50)
     assert client.finish(exit_code=0, timeout=60)  # journaled: wandb may still be behind
+    messages = client.stats()["acked_seq"]
     sidecar.wait_for(lambda s: s["runs"]["watched"]["state"] == "finished")
     out = _cli("status", "--connect", sidecar.addr, "--watch", "0.3", "--count", "3")
     assert out.returncode == 0, out.stderr
@@ -158,7 +159,7 @@ def test_status_watch_refreshes(sidecar: SidecarProcess, tmp_path: Path) -> None
     assert len(frames) == 3
     for i, frame in enumerate(frames, 1):
         assert f"every 0.3 s ({i}/3)" in frame
-        assert _table(frame)["watched"]["delivered"] == str(1 + 50 + 1 + 1)
+        assert _table(frame)["watched"]["delivered"] == str(messages)
     assert "in/s" not in frames[0] and "in/s" in frames[1]  # rates from the second refresh on
     assert "\x1b[" not in out.stdout  # not a terminal: frames one after another, no screen control
 
@@ -166,7 +167,7 @@ def test_status_watch_refreshes(sidecar: SidecarProcess, tmp_path: Path) -> None
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert len(lines) == 2
-    assert [json.loads(line)["runs"]["watched"]["delivered_seq"] for line in lines] == [53, 53]
+    assert [json.loads(line)["runs"]["watched"]["delivered_seq"] for line in lines] == [messages, messages]
 
 
 def test_watch_redraws_in_place_on_a_terminal() -> None:
@@ -232,7 +233,7 @@ def test_metrics_endpoint_matches_status(tmp_path: Path) -> None:
         return m[(name, tuple(sorted({"run": run, **labels}.items())))]
 
     r = st["runs"]["metricsrun"]
-    sent = 1 + 3000 + 1 + 1
+    sent = client.stats()["acked_seq"]  # messages: metrics travel batched
     assert r["journaled_seq"] == r["delivered_seq"] == sent
     assert r["received"] == sent + r["duplicates"] + r["out_of_order"]
     assert run_value("wandb_sidecar_messages_received_total", "metricsrun") == r["received"]

@@ -45,7 +45,7 @@ def test_metrics_and_checkpoints_reach_wandb_exactly(sidecar: SidecarProcess, tm
     client.log_checkpoint(extra, aliases=["final"], metadata={"epoch": 3})
     assert client.finish(exit_code=0, timeout=60)
     stats = client.stats()
-    assert stats["acked_seq"] == 1 + 1000 + 3 + 1  # start, metrics, checkpoints, finish
+    assert stats["acked"] == 1 + 1000 + 3 + 1  # calls: start, metrics, checkpoints, finish
     assert sidecar.stop() == 0
 
     runs = read_runs(sidecar.wandb_dir)
@@ -143,7 +143,7 @@ def test_malformed_frames_are_rejected_and_counted(sidecar: SidecarProcess) -> N
 def test_sigterm_mid_stream_keeps_everything_acknowledged(sidecar: SidecarProcess) -> None:
     client = SidecarClient(sidecar.addr, run_id="sigterm", ack_timeout=0.5)
     step = 0
-    while client.stats()["acked_seq"] < 3000:
+    while client.stats().get("acked", 0) < 3000:
         client.log({"x": float(step)}, step=step)
         step += 1
         if step % 1000 == 0:
@@ -155,10 +155,10 @@ def test_sigterm_mid_stream_keeps_everything_acknowledged(sidecar: SidecarProces
         if step % 1000 == 0:
             client.flush(timeout=0.2)
     assert sidecar.proc.returncode == 0
-    acked = client.stats()["acked_seq"]
+    acked = client.stats()["acked"]
     run = read_runs(sidecar.wandb_dir)["sigterm"]
     steps = run.steps()
-    # seq 1 is the run start, seq k+1 is step k: every acknowledged step is in the run, once, in order
+    # the run start, then one call per step: every acknowledged step is in the run, once, in order
     assert steps == list(range(len(steps)))
     assert len(steps) >= acked - 1
     assert [row["x"] for row in run.history] == [float(s) for s in steps]
@@ -203,3 +203,29 @@ def test_trainer_side_imports_no_wandb_and_no_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     _, has_wandb, has_torch = out.stdout.split()
     assert (has_wandb, has_torch) == ("False", "False")
+
+
+def test_log_calls_travel_batched_and_a_bad_one_costs_only_itself(sidecar: SidecarProcess) -> None:
+    """Calls that wait together travel as one ``metric_rows`` message; each still lands once, in order, and
+    a call the sidecar refuses is refused alone."""
+    client = SidecarClient(sidecar.addr, run_id="rows")
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(60)  # the I/O thread waits for this thread to block: every call waits together
+    try:
+        for step in range(3000):
+            client.log({"x": float(step)}, step=step)
+            if step == 1000:
+                client.log({"k" * 300: 1.0}, step=step)  # a key over the protocol's limit
+        client.log({"last": 1.0})  # without a step: it ends its message
+    finally:
+        sys.setswitchinterval(switch)
+    assert client.finish(timeout=60), client.stats()
+    stats = client.stats()
+    assert stats["acked"] == 1 + 3001 + 1 + 1  # calls: start, metrics, finish
+    assert stats["acked_seq"] < 30, "the calls travelled batched, not one message each"
+    assert stats["rejected_limit_exceeded"] == 1
+    assert sidecar.status()["runs"]["rows"]["rejected_by"] == {"limit_exceeded": 1}
+    assert sidecar.stop() == 0
+    history = read_runs(sidecar.wandb_dir)["rows"].history
+    assert [row["x"] for row in history[:-1]] == [float(s) for s in range(3000)]
+    assert "k" * 300 not in history[1000] and history[-1]["last"] == 1.0 and "x" not in history[-1]

@@ -230,3 +230,52 @@ def test_invalid_utf8_in_a_string_is_a_malformed_frame() -> None:
         decode([header.replace(b"\xa1r", b"\xa1\xff"), msgpack.packb({"data": {}})])
     with pytest.raises(MalformedFrame):
         decode([header, b"\x81\xa4data\x81\xa2\xc3\x28\x01"])  # a metric key that is not UTF-8
+
+
+# ------------------------------------------------------------------------------- metric_rows (batched log calls)
+
+
+def _rows_frames(rows: list[dict]) -> list[bytes]:
+    return encode(Kind.METRIC_ROWS, "r", 2, 0.0, {"rows": rows}, incarnation="0123abcd")
+
+
+def test_metric_rows_round_trip_and_count_without_decoding() -> None:
+    from protocol import row_count
+
+    rows = [{"data": {"loss": 1.0 / (i + 1), "lr": np.float32(0.01)}, "step": i} for i in range(300)]
+    frames = _rows_frames(rows)
+    assert row_count(frames[1]) == 300
+    msg = decode(frames)
+    assert msg.problems == ()
+    assert [row.step for row in msg.body.rows] == list(range(300))
+    assert msg.body.rows[7]["data"] == {"loss": 1.0 / 8, "lr": pytest.approx(0.01)}
+    with pytest.raises(MalformedFrame):
+        row_count(b"\x81\xa4data\x90")  # a metrics body, not metric_rows
+
+
+def test_a_bad_row_costs_only_itself() -> None:
+    rows = [{"data": {"x": float(i)}, "step": i} for i in range(10)]
+    rows[3]["data"]["k" * 300] = 1.0  # key over MAX_KEY_LEN
+    rows[6]["data"]["v"] = [1, 2]  # not a scalar
+    msg = decode(_rows_frames(rows))
+    assert [row.step for row in msg.body.rows] == [0, 1, 2, 4, 5, 7, 8, 9]
+    assert [(type(p), "row 3" in p.detail or "row 6" in p.detail) for p in msg.problems] == [
+        (LimitExceeded, True), (InvalidField, True)]
+
+
+@pytest.mark.parametrize("rows, error", [
+    ([], InvalidField),  # at least one row
+    ([{"data": {"x": 1}}, {"data": {"x": 2}, "step": 3}], InvalidField),  # a row without a step that is not the last
+    ([{"data": {"x": 1}, "step": 1, "commit": False}, {"data": {"x": 2}, "step": 1}], InvalidField),  # ditto commit=False
+    ([{"data": {"x": [1]}, "step": 1}], InvalidField),  # every row bad: the message is refused
+    ([{"data": {"x": 1}, "step": 1}] * 4097, LimitExceeded),  # over MAX_ROWS_PER_MESSAGE
+])
+def test_metric_rows_refused(rows: list[dict], error: type) -> None:
+    with pytest.raises(error):
+        decode(_rows_frames(rows))
+
+
+def test_metric_rows_may_end_with_a_row_without_step() -> None:
+    msg = decode(_rows_frames([{"data": {"x": 1}, "step": 1}, {"data": {"y": 2}, "step": None}]))
+    assert [row.step for row in msg.body.rows] == [1, None]
+    assert msg.body.to_dict() == {"rows": [{"data": {"x": 1}, "step": 1}, {"data": {"y": 2}, "step": None}]}

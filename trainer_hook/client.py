@@ -75,6 +75,11 @@ _LAST = int(zmq.NOBLOCK)
 _COPY_BELOW = 65536
 #: Messages packed per turn of the I/O loop before what is packed is sent.
 _PACK_CHUNK = 1024
+#: ``log()`` calls packed into one ``metric_rows`` message at most (when that many are waiting).
+_ROWS_PER_MESSAGE = 1024
+#: ... and at most this much of the pending bound's cost (~200 calls of 10 scalars): a message is what
+#: the buffers keep or drop whole, so it stays small next to them.
+_ROWS_BYTES = 256 * 1024
 #: Cost the pending bound counts for one ``log()`` call: per key, plus the message (no walk on the hot path).
 _METRIC_KEY_BYTES = 96  # a fresh key string, a float, a dict slot
 _MESSAGE_BYTES = 320  # the body dict, the tuple, the deque slot
@@ -576,7 +581,7 @@ class _IOThread(threading.Thread):
             self.order += 1
             item.order = self.order
             self.outbox.put(item)
-            n += 1
+            n += item.calls
         left.close(keep=False)
         owner.remove()
         client._counters["taken_over_from_earlier_trainer"] += n
@@ -589,17 +594,18 @@ class _IOThread(threading.Thread):
     def _close(self) -> None:
         client = self.client
         self._pack_pending(final=True)
-        undelivered = len(self.window) + len(self.outbox)
+        undelivered = sum(p.calls for p in self.window) + self.outbox.calls()
         kept = 0
         if undelivered and client._refused is None and self.outbox.spill is not None:
             # sent here, maybe journaled with the acknowledgement lost: the client that delivers them later
             # names where they went first, and the sidecar takes those it has as duplicates
-            unacked = [Packed(p.kind, p.frames[1:], p.time, p.nbytes, p.order, origin=(client.incarnation, p.seq))
+            unacked = [Packed(p.kind, p.frames[1:], p.time, p.nbytes, p.order, origin=(client.incarnation, p.seq),
+                              calls=p.calls)
                        for p in self.window]
             try:
                 kept = self.outbox.keep_on_disk(unacked)
             except OSError as exc:  # what was already spilled stays valid on disk (rewrites are atomic)
-                kept = self.outbox.spill.count if self.outbox.spill is not None else 0
+                kept = self.outbox.spill.calls if self.outbox.spill is not None else 0
                 log.error("wandb sidecar client: cannot write %d undelivered messages to %s (%s); %d kept there, "
                           "the rest lost", undelivered, self.spill_owner.directory if self.spill_owner else None,
                           exc, kept)
@@ -645,6 +651,19 @@ class _IOThread(threading.Thread):
             if client._refused is not None:
                 client._counters["undelivered"] += 1
                 continue
+            if kind is Kind.METRICS and pending and pending[0][0] is Kind.METRICS and _row_may_follow(body):
+                rows, size = [body], cost
+                while (pending and pending[0][0] is Kind.METRICS and len(rows) < _ROWS_PER_MESSAGE
+                       and size < _ROWS_BYTES):
+                    row, cost = pending.popleft()[1::2]
+                    client._pending_taken_bytes += cost
+                    size += cost
+                    rows.append(row)
+                    if not _row_may_follow(row):
+                        break
+                budget -= len(rows) - 1
+                self._pack_rows(rows, t)
+                continue
             if kind is Kind.CHECKPOINT and client.spool_checkpoints:
                 result: dict[str, Any] = {}
                 thread = threading.Thread(target=_spool_into,
@@ -674,6 +693,19 @@ class _IOThread(threading.Thread):
         if spooled is not None and "path" in spooled:
             self.spool_budget.add(self.order, spooled["path"], list(body.get("aliases") or ["latest"]))
         self.outbox.put(Packed(kind, frames, t, sum(len(f) for f in frames), self.order))
+
+    def _pack_rows(self, rows: list[dict[str, Any]], t: float) -> None:
+        """Consecutive ``log()`` calls as one ``metric_rows`` message (one sequence number, one journal
+        record and one admission at the sidecar for all of them); each alone where they cannot go together
+        (a value that cannot be encoded, more than a body's bytes), so one bad call costs only itself."""
+        try:
+            frames = encode_body({"rows": rows})
+        except (TypeError, ValueError, OverflowError):
+            for row in rows:
+                self._pack(Kind.METRICS, row, t)
+            return
+        self.order += 1
+        self.outbox.put(Packed(Kind.METRIC_ROWS, frames, t, sum(len(f) for f in frames), self.order, calls=len(rows)))
 
     def _fill_window(self) -> None:
         client = self.client
@@ -718,16 +750,18 @@ class _IOThread(threading.Thread):
         while self.next_send < len(self.window):
             # what is ready goes out as one multipart of up to MAX_BATCH messages (see protocol.split)
             batch: list[bytes] = []
-            end, size = self.next_send, 0
+            end, size, calls = self.next_send, 0, 0
             while end < len(self.window) and end - self.next_send < MAX_BATCH and size < _BATCH_BYTES:
-                batch += self.window[end].frames
-                size += self.window[end].nbytes
+                item = self.window[end]
+                batch += item.frames
+                size += item.nbytes
+                calls += item.calls
                 end += 1
             try:
                 _send_frames(sock, batch)
             except zmq.Again:
                 return  # not connected, or the sidecar is slow: keep it, try again later
-            client._counters["sent"] += end - self.next_send
+            client._counters["sent"] += calls
             self.highest_sent = max(self.highest_sent, self.window[end - 1].seq)
             self.next_send = end
 
@@ -815,7 +849,7 @@ class _IOThread(threading.Thread):
             if item.kind is Kind.CHECKPOINT:
                 self.spool_budget.acknowledged(item.order)
             self.next_send = max(0, self.next_send - 1)
-            client._counters["acked"] += 1
+            client._counters["acked"] += item.calls
         self.last_progress = time.monotonic()
         self.resend_interval = client.ack_timeout
 
@@ -845,7 +879,7 @@ class _IOThread(threading.Thread):
         """Stop sending: count what will never be accepted, release every waiter with ok=False."""
         client = self.client
         client._refused = reason
-        client._counters["undelivered"] += len(self.window) + self.outbox.discard()
+        client._counters["undelivered"] += sum(p.calls for p in self.window) + self.outbox.discard()
         self.window.clear()
         self.window_bytes = 0
         self.next_send = 0
@@ -872,6 +906,12 @@ class _IOThread(threading.Thread):
             else:
                 still.append(marker)
         self.markers = still
+
+
+def _row_may_follow(body: dict[str, Any]) -> bool:
+    """Can another row follow this one in a ``metric_rows`` message? Not after a row without a step or with
+    ``commit=False`` (see ``protocol.schema.MetricRows``)."""
+    return body["step"] is not None and body.get("commit", True) is not False
 
 
 def _send_frames(sock: zmq.Socket, frames: Sequence[bytes]) -> None:

@@ -41,6 +41,11 @@ class Outbox:
     def __len__(self) -> int:
         return len(self.head) + len(self.tail) + (self.spill.count if self.spill else 0)
 
+    def calls(self) -> int:
+        """The caller's ``log()`` calls (and other messages) held, in memory and on disk."""
+        return (sum(item.calls for item in self.head) + sum(item.calls for item in self.tail)
+                + (self.spill.calls if self.spill else 0))
+
     @property
     def spill_bytes(self) -> int:
         """Bytes of the spill's segment files on disk."""
@@ -59,7 +64,7 @@ class Outbox:
             self.tail.append(item)  # behind the spill, in order
             self.memory_bytes += item.cost
         else:
-            self.counters["dropped_backlog_full"] += 1
+            self.counters["dropped_backlog_full"] += item.calls
 
     def put_first(self, item: Packed) -> None:
         """Put ``item`` ahead of everything (a run start for a spill taken over from a dead client)."""
@@ -71,7 +76,7 @@ class Outbox:
         while self.memory_bytes + item.cost > self.max_memory_bytes:
             if not self._drop_oldest():
                 if item.kind not in NEVER_DROPPED:
-                    self.counters["dropped_backlog_full"] += 1
+                    self.counters["dropped_backlog_full"] += item.calls
                     return
                 break  # never dropped: may exceed the bound (such messages are few)
         self._to_head(item)
@@ -84,7 +89,7 @@ class Outbox:
             self.counters["spill_full"] += 1
             return False
         try:
-            self.spill.append(record)
+            self.spill.append(record, calls=item.calls)
         except OSError as exc:
             self.counters["spill_failed"] += 1
             log.warning("wandb sidecar client: cannot write the spill in %s (%s)", self.spill.directory, exc)
@@ -101,7 +106,7 @@ class Outbox:
             if old.kind not in NEVER_DROPPED:
                 del self.head[i]
                 self.memory_bytes -= old.cost
-                self.counters["dropped_backlog_full"] += 1
+                self.counters["dropped_backlog_full"] += old.calls
                 return True
         return False
 
@@ -149,20 +154,21 @@ class Outbox:
     def keep_on_disk(self, unacked: list[Packed]) -> int:
         """At exit: write ``unacked`` (sent, not acknowledged; body frames only), memory and tail into the
         spill, in order, past its limit if need be (what was in memory is bounded by the memory bounds).
-        Returns how many messages are on disk; 0 with no spill."""
+        Returns how many of the caller's calls are on disk (``Packed.calls``); 0 with no spill."""
         if self.spill is None:
             return 0
         before = [*unacked, *self.head]
         self.head.clear()
         self.spill.rewrite_head(before)
         while self.tail:
-            self.spill.append(record_bytes(self.tail.popleft()), over_limit=True)
+            item = self.tail.popleft()
+            self.spill.append(record_bytes(item), over_limit=True, calls=item.calls)
         self.memory_bytes = 0
-        return self.spill.count
+        return self.spill.calls
 
     def discard(self) -> int:
-        """Throw everything away (the sidecar refused the run for good); returns how many messages."""
-        n = len(self)
+        """Throw everything away (the sidecar refused the run for good); returns how many calls."""
+        n = self.calls()
         self.head.clear()
         self.tail.clear()
         self.memory_bytes = 0

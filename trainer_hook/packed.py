@@ -21,6 +21,7 @@ class Packed:
     seq: int = 0  # sequence number, once in the window
     #: (incarnation, seq) this message was sent under before, unacknowledged, by a client that exited
     origin: tuple[str, int] | None = None
+    calls: int = 1  # the caller's ``log()`` calls it carries (a ``metric_rows`` message: its rows); drops count these
 
     @property
     def cost(self) -> int:

@@ -19,7 +19,7 @@ from typing import BinaryIO, Iterator
 
 import msgpack
 
-from protocol import Kind
+from protocol import Kind, ProtocolError, row_count
 
 from .packed import Packed
 
@@ -57,6 +57,7 @@ class SpillSegments:
         self.disk_bytes = 0
         self.read_pos = 0  # offset of the next record in segments[0]
         self.count = 0  # records not yet read
+        self.calls = 0  # the caller's ``log()`` calls those records carry (``Packed.calls``)
         self.segments_deleted = 0
         self.torn_records = 0  # a record cut short (its writer died mid-write): the rest of that segment
         self._writer: BinaryIO | None = None
@@ -77,7 +78,7 @@ class SpillSegments:
 
     # -- writing
 
-    def append(self, record: bytes, over_limit: bool = False) -> None:
+    def append(self, record: bytes, over_limit: bool = False, calls: int = 1) -> None:
         """Append one record (from :func:`record_bytes`). Raises OSError; never exceeds ``max_bytes``
         unless ``over_limit`` (used only at exit, to keep what was in memory)."""
         if not over_limit and not self.fits(len(record)):
@@ -102,6 +103,7 @@ class SpillSegments:
             raise OSError(f"short write to the spill ({written} of {len(record)} bytes)")
         self._set_size(number, size + len(record))
         self.count += 1
+        self.calls += calls
 
     def _cut(self, number: int, size: int) -> None:
         try:
@@ -132,10 +134,11 @@ class SpillSegments:
             item, length = record
             self.read_pos += length
             self.count -= 1
+            self.calls -= item.calls
             if self.read_pos >= self.sizes[number]:
                 self._delete_head()  # deleted once read
             return item
-        self.count = 0
+        self.count = self.calls = 0
         return None
 
     def peek_order(self) -> int | None:
@@ -167,9 +170,11 @@ class SpillSegments:
             return None
         try:
             kind, t, order, frames, *origin = msgpack.unpackb(payload)
-            item = Packed(Kind(kind), list(frames), t, sum(len(f) for f in frames), order,
-                          origin=(str(origin[0]), int(origin[1])) if origin else None)
-        except (ValueError, TypeError, msgpack.UnpackException):
+            kind = Kind(kind)
+            item = Packed(kind, list(frames), t, sum(len(f) for f in frames), order,
+                          origin=(str(origin[0]), int(origin[1])) if origin else None,
+                          calls=row_count(frames[0]) if kind is Kind.METRIC_ROWS else 1)
+        except (ValueError, TypeError, msgpack.UnpackException, ProtocolError):
             return None
         return item, _LEN.size + n
 
@@ -206,6 +211,7 @@ class SpillSegments:
                     break
                 pos += record[1]
                 self.count += 1
+                self.calls += record[0].calls
 
     def unread_kinds_and_orders(self) -> Iterator[tuple[Kind, int]]:
         """(kind, order) of the unread records, oldest first (used when taking over a dead client's spill)."""
@@ -236,6 +242,7 @@ class SpillSegments:
                 rest.append(record[0])
                 pos += record[1]
             self.count -= len(rest)
+            self.calls -= sum(item.calls for item in rest)
         else:
             number, rest = 1, []
             self.segments.append(number)
@@ -257,6 +264,7 @@ class SpillSegments:
         self._set_size(number, size)
         self.read_pos = 0
         self.count += len(before) + len(rest)
+        self.calls += sum(item.calls for item in [*before, *rest])
 
     def close(self, keep: bool) -> None:
         """Close the files; delete every segment unless ``keep``."""
@@ -268,3 +276,4 @@ class SpillSegments:
             for number in self.segments:
                 (self.directory / _segment_name(number)).unlink(missing_ok=True)
             self.segments, self.sizes, self.count, self.read_pos, self.disk_bytes = [], {}, 0, 0, 0
+            self.calls = 0
