@@ -26,7 +26,8 @@ def test_rows_are_skipped_one_by_one_where_wandb_has_them(tmp_path: Path, monkey
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
     sink = WandbSink("rowsink", FileGuard([tmp_path]), state_dir=tmp_path)
-    sink.start(_msg(Kind.RUN_START, 1, {"init_kwargs": {"project": "p"}}))
+    # mode and dir given, not only by the environment: wandb keeps the settings of its first use in a process
+    sink.start(_msg(Kind.RUN_START, 1, {"init_kwargs": {"project": "p", "mode": "offline", "dir": str(tmp_path)}}))
     # after a restart: wandb's files hold steps up to 4, and this message's index is at or below the
     # delivered mark, so its row without a step (its last) reached wandb too
     sink.persisted = Persisted(max_step=4)

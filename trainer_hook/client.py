@@ -344,6 +344,7 @@ class SidecarClient:
         if self._inert or not self._io.is_alive():
             return False
         marker = self._queue_marker()
+        self._io.wake()
         return marker.event.wait(timeout) and marker.ok
 
     def _queue_marker(self) -> _Marker:
@@ -466,8 +467,37 @@ class _IOThread(threading.Thread):
         self.resend_interval = client.ack_timeout  # grows (to 30 s) while the run id is in use elsewhere
         self.in_use_refused = False
         self.last_heartbeat = 0.0
+        #: ``flush()`` wakes the I/O thread from its wait for replies (up to 20 ms while idle), so a flush
+        #: costs a round trip, not a poll interval: a PUSH socket of the caller's, a PULL of this thread's.
+        self.wake_addr = f"inproc://wandb-sidecar-wake-{id(self):x}"
+        self._waker: zmq.Socket | None = None
+        self._wake_lock = threading.Lock()
+        self._wake_closed = False
 
     # -- socket
+
+    def wake(self) -> None:
+        """Called by the caller's thread (any of them): never blocks, never raises."""
+        ctx = getattr(self, "ctx", None)
+        if ctx is None:
+            return  # not connected yet: the thread looks at its queue before its first wait
+        with self._wake_lock:
+            if self._wake_closed:
+                return
+            try:
+                if self._waker is None:
+                    self._waker = ctx.socket(zmq.PUSH)
+                    self._waker.setsockopt(zmq.LINGER, 0)
+                    self._waker.connect(self.wake_addr)
+                self._waker.send(b"", _LAST)
+            except zmq.ZMQError:
+                pass  # full (the thread is awake anyway) or ending
+
+    def _close_waker(self) -> None:
+        with self._wake_lock:
+            self._wake_closed = True
+            if self._waker is not None:
+                self._waker.close(linger=0)
 
     def _connect(self) -> zmq.Socket:
         self.ctx = zmq.Context()
@@ -479,6 +509,12 @@ class _IOThread(threading.Thread):
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         apply_client_keys(sock, self.client._curve)
         sock.connect(self.client.addr)
+        self.woken = self.ctx.socket(zmq.PULL)
+        self.woken.setsockopt(zmq.LINGER, 0)
+        self.woken.bind(self.wake_addr)
+        self.poller = zmq.Poller()
+        self.poller.register(sock, zmq.POLLIN)
+        self.poller.register(self.woken, zmq.POLLIN)
         return sock
 
     def run(self) -> None:
@@ -512,7 +548,9 @@ class _IOThread(threading.Thread):
                 marker.ok = False
                 marker.event.set()
             if sock is not None:
+                self._close_waker()
                 sock.close(linger=0)
+                self.woken.close(linger=0)
                 self.ctx.term()
 
     def _open_buffers(self) -> bool:
@@ -781,7 +819,17 @@ class _IOThread(threading.Thread):
 
     def _read_replies(self, sock: zmq.Socket, timeout_ms: int) -> None:
         client = self.client
-        if not sock.poll(timeout_ms, zmq.POLLIN):
+        if timeout_ms:
+            ready = dict(self.poller.poll(timeout_ms))
+            if self.woken in ready:
+                while True:
+                    try:
+                        self.woken.recv(_LAST)
+                    except zmq.Again:
+                        break
+            if sock not in ready:
+                return
+        elif not sock.poll(0, zmq.POLLIN):
             return
         while True:
             try:
