@@ -18,10 +18,12 @@ import wandb
 from protocol import Counters, Kind, Message
 from protocol.limits import SPOOL_DIR_NAME
 
+from .journal_trim import live_run_file
 from .media import MediaBuilder
 from .paths import FileGuard
 from .step_rows import Row, StepRows
 from .wandb_files import Persisted, persisted, wandb_root
+from .wandb_log_tail import WandbLogTail
 
 log = logging.getLogger("sidecar.wandb")
 #: Checkpoints above this size get a log line before the upload starts, not only after it.
@@ -185,21 +187,23 @@ class WandbSink:
         self.run.config.update(msg.body["config"], allow_val_change=True)
 
     def finish(self, exit_code: int) -> str:
-        """Finish the wandb run; then, offline, read wandb's files back. Returns '' when they hold every
-        step logged, else what is missing: wandb loses rows silently when its disk is full (seen here:
-        init, log and finish all succeed on a full WANDB_DIR)."""
+        """Finish the wandb run; then, offline, read its transaction log back. Returns '' when it holds
+        every step logged, else what is missing: wandb loses rows silently when its disk is full (seen
+        here: init, log and finish all succeed on a full WANDB_DIR). Read in-process (~14 ms for 2,000
+        steps): ``wandb leet inspect`` took 3-4 s a run when a sweep's 16 runs finished together."""
         self.flush_metrics()
         if self.run is None:
             return ""
         offline = self.run.offline
+        run_file = live_run_file(self.run.dir, self.run_id)
         self.run.finish(exit_code=exit_code)
         self.run = None
         last = self.rows.last_step_logged
         if not offline or self.state_dir is None or last < 0:
             return ""
-        held = persisted(wandb_root(self._init_dir), self.run_id, self.state_dir / f"{self.run_id}.wandb-files.json")
-        if held.max_step < last:
-            return f"wandb's files end at step {held.max_step} but step {last} was logged"  # links kept: replay
+        on_disk = WandbLogTail(run_file).max_step()
+        if on_disk < last:
+            return f"wandb's files end at step {on_disk} but step {last} was logged"  # links kept: replay
         self.release_spool_links()
         return ""
 
