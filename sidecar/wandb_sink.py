@@ -28,6 +28,21 @@ from .wandb_log_tail import WandbLogTail
 log = logging.getLogger("sidecar.wandb")
 #: Checkpoints above this size get a log line before the upload starts, not only after it.
 LARGE_FILE_BYTES = 100_000_000
+#: Seconds a finished offline run's transaction log may take to get its exit record (its last rows and the
+#: exit are written by wandb's service after ``run.finish`` returns); past it, the rows it holds are judged.
+FINISH_WRITE_S = 10.0
+
+
+def _written_step(run_file: Path, timeout: float = FINISH_WRITE_S) -> int:
+    """The highest step in a finished run's transaction log, once wandb has written its exit record
+    (``run.finish`` returns before wandb's service has written the last rows: seen, 3 of 100 steps)."""
+    tail = WandbLogTail(run_file)
+    deadline = time.monotonic() + timeout
+    while True:
+        step = tail.max_step()
+        if tail.exited or time.monotonic() > deadline:
+            return step
+        time.sleep(0.02)
 
 
 class SinkError(RuntimeError):
@@ -201,7 +216,7 @@ class WandbSink:
         last = self.rows.last_step_logged
         if not offline or self.state_dir is None or last < 0:
             return ""
-        on_disk = WandbLogTail(run_file).max_step()
+        on_disk = _written_step(run_file)
         if on_disk < last:
             return f"wandb's files end at step {on_disk} but step {last} was logged"  # links kept: replay
         self.release_spool_links()
