@@ -149,9 +149,10 @@ class SidecarServer:
         try:
             while not self._stop.is_set():
                 if sock.poll(0, zmq.POLLIN):
+                    ingest_first.busy(time.monotonic())
                     received = self.counters["received"]
                     self._handle_batch(sock)
-                    ingest_first.after_batch(self.counters["received"] - received, time.monotonic())
+                    ingest_first.took(self.counters["received"] - received)
                 else:
                     ingest_first.idle()
                     sock.poll(100, zmq.POLLIN)  # wait for the next message: handled on the next turn

@@ -17,20 +17,29 @@ from sidecar.run_worker import RunWorker
 
 def test_a_trickle_leaves_delivery_running_a_burst_holds_it_for_a_while() -> None:
     gate = threading.Event()
-    first = IngestFirst(gate, burst_batch=256, longest=2.0)
-    first.after_batch(3, now=10.0)  # a sweep's trainers: a few messages per batch
+    first = IngestFirst(gate, burst_messages=256, burst_rate=10_000.0, longest=2.0)
+    for k in range(100):  # a sweep: a message waiting at every look, 3,200 a second, for 10 s
+        first.busy(now=10.0 + k * 0.1)
+        assert gate.is_set()
+        first.took(320)
+    first.idle()
+    first.busy(now=30.0)  # a trainer's burst: delivery runs for its first messages only
     assert gate.is_set()
-    first.after_batch(256, now=10.1)  # messages piled up
+    first.took(2000)
+    first.busy(now=30.05)
     assert not gate.is_set()
-    first.after_batch(2000, now=11.9)
+    first.took(8000)
+    first.busy(now=31.0)
     assert not gate.is_set()
-    first.after_batch(2000, now=12.2)  # a burst longer than 2 s shares the GIL with delivery again
+    first.took(100_000)
+    first.busy(now=32.1)  # a burst longer than 2 s shares the GIL with delivery again
     assert gate.is_set()
-    first.after_batch(5, now=12.3)
-    first.after_batch(300, now=12.4)  # a new burst starts its own 2 s
-    assert not gate.is_set()
     first.idle()
     assert gate.is_set()
+    first.busy(now=40.0)  # a new burst starts its own 2 s
+    first.took(5000)
+    first.busy(now=40.1)
+    assert not gate.is_set()
 
 
 class _CountingGate(threading.Event):
