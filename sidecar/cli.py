@@ -131,6 +131,9 @@ def serve(bind: str, journal_dir: str, allow_roots: tuple[str, ...], heartbeat_t
     os.environ.pop("WANDB_SERVICE", None)
     mode = _choose_wandb_mode()
     from .server import SidecarServer  # imports wandb: keep `status` fast
+    from .wandb_process import prepare_wandb
+
+    prepare_wandb()  # the wandb service and the package list, before the first run needs them
 
     server = SidecarServer(bind, journal_dir, list(allow_roots) or [os.getcwd()],
                            heartbeat_timeout=heartbeat_timeout, fsync=not no_fsync, socket_setup=security,

@@ -169,8 +169,7 @@ class RunWorker(threading.Thread):
             else:
                 assert isinstance(item, Message)
                 self.taken += _weight(item)
-                if self._gate is not None and not self._gate.is_set():
-                    self._gate.wait(1.0)  # ingest first (SidecarServer.delivery_gate); bounded, never stuck
+                self._wait_for_ingest()
                 self._apply_with_retry(item)
                 self._note_for_trim()
             if self.wandb_run_finished:
@@ -196,13 +195,19 @@ class RunWorker(threading.Thread):
                     return
             for msg in self._journaled(after, upto):
                 self.sink.count("read_from_journal")
-                if self._gate is not None and not self._gate.is_set():
-                    self._gate.wait(1.0)
+                self._wait_for_ingest()
                 self._apply_with_retry(msg)
                 self._note_for_trim()
                 if time.monotonic() - self._last_mark > MARK_EVERY:
                     self._mark_delivered()
             after = upto
+
+    def _wait_for_ingest(self) -> None:
+        """Ingest first (``SidecarServer.delivery_gate``): wait, bounded, while the receiver is in a burst.
+        Not before ``wandb.init``: it mostly waits for wandb's service and git, and every moment it waits
+        before starting adds to the run's lag (a sweep's trainers all start at once)."""
+        if self._gate is not None and not self._gate.is_set() and self.sink.running:
+            self._gate.wait(1.0)
 
     def _apply_with_retry(self, msg: Message) -> None:
         """``wandb.init`` is retried until it works (or SIGTERM); an artifact (checkpoint, table) a few

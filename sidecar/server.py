@@ -23,6 +23,7 @@ from protocol.limits import MAX_FRAME_BYTES
 
 from . import recovery
 from .admission import admit_body
+from .ingest_first import IngestFirst
 from .init_policy import InitRefused
 from .journal import SEGMENT_BYTES, Journal, JournalError
 from .journal_trim import TRIM_BYTES, JournalTrimmer
@@ -40,9 +41,6 @@ BATCH_BYTES = 64 * 1024 * 1024
 #: young (a batch of 100,000 messages kept them alive long enough for the garbage collector to walk them
 #: again and again: 40 % of the receiver's time, profiled).
 BATCH_MESSAGES = 8192
-#: Ingest first: while messages keep arriving, wandb delivery waits (see ``SidecarServer.delivery_gate``),
-#: for bursts up to this long; a longer burst shares the process with delivery, so its queues drain.
-INGEST_FIRST_S = 2.0
 #: A run's journal beyond this (wandb far behind, or unreachable for long) stops being acknowledged: its
 #: trainer keeps and resends (backpressure), so a sidecar's disk is bounded per run.
 MAX_BACKLOG_BYTES = 4 * 1024**3
@@ -111,9 +109,9 @@ class SidecarServer:
         self.last_error = ""
         self.started = time.time()
         self._stop = threading.Event()
-        #: Set while wandb delivery may run. The receiver and the run workers share one GIL, and a worker
-        #: holds it ~0.1 ms per ``run.log``: the receiver clears it while messages are waiting, so acks (what
-        #: the trainers wait for) never queue behind wandb work. Workers wait on it between messages.
+        #: Set while wandb delivery may run: the receiver clears it in a burst (:mod:`sidecar.ingest_first`),
+        #: so acks (what the trainers wait for) never queue behind wandb work. Workers wait on it between
+        #: messages.
         self.delivery_gate = threading.Event()
         self.delivery_gate.set()
 
@@ -146,21 +144,17 @@ class SidecarServer:
         log.info("serving on %s (journal %s, allowed roots %s)", self.bind, self.journal.root,
                  ", ".join(map(str, self.guard.roots)))
         last_check = time.monotonic()
-        busy_since = 0.0
         gate = self.delivery_gate
+        ingest_first = IngestFirst(gate)
         try:
             while not self._stop.is_set():
                 if sock.poll(0, zmq.POLLIN):
-                    now = time.monotonic()
-                    busy_since = busy_since or now
-                    if now - busy_since < INGEST_FIRST_S:
-                        gate.clear()
-                    else:
-                        gate.set()  # a long burst: delivery shares the GIL again
+                    ingest_first.busy(time.monotonic())
+                    received = self.counters["received_calls"]
                     self._handle_batch(sock)
+                    ingest_first.took(self.counters["received_calls"] - received)
                 else:
-                    busy_since = 0.0
-                    gate.set()
+                    ingest_first.idle()
                     sock.poll(100, zmq.POLLIN)  # wait for the next message: handled on the next turn
                 now = time.monotonic()
                 if now - last_check > 1.0:
@@ -241,6 +235,7 @@ class SidecarServer:
                     batch: ReceiveBatch) -> None:
         """One message of a multipart: ``frames`` are its own (header first)."""
         self.counters["received"] += 1
+        self.counters["received_calls"] += 1  # and a metric_rows message's other rows once decoded
         kind = header.kind
         if kind is Kind.STATUS:
             self._send(sock, peer, Kind.STATUS_REPLY, "", 0, {"status": self.status()})
@@ -305,7 +300,10 @@ class SidecarServer:
                                                            f"{len(msg.body['rows'])} taken; {first.detail}")[:500],
                         "rejected_seq": header.seq}, header.incarnation)
         msg.index = st.last_index
-        if header.kind is Kind.METRIC_ROWS or header.kind is Kind.METRICS:
+        if header.kind is Kind.METRIC_ROWS:
+            self.counters["received_calls"] += len(msg.body.rows) - 1
+            st.saw_step(msg.body)
+        elif header.kind is Kind.METRICS:
             st.saw_step(msg.body)
         batch.accepted.append((st, msg, frames))
 

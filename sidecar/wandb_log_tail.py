@@ -27,6 +27,7 @@ class WandbLogTail:
         self.path = path
         self.offset = _FILE_HEADER  # where the next unread record starts
         self.step = -1
+        self.exited = False  # the run's exit record is on disk: wandb wrote it last, after every row
         self._pieces: list[bytes] = []
 
     def max_step(self) -> int:
@@ -71,5 +72,8 @@ class WandbLogTail:
             record.ParseFromString(data)
         except Exception:  # a record this reader does not know how to parse says nothing about steps
             return
-        if record.WhichOneof("record_type") == "history":
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
             self.step = max(self.step, record.history.step.num)
+        elif kind == "exit":
+            self.exited = True
