@@ -230,6 +230,7 @@ def summary(st: RunState) -> dict[str, Any]:
         "journaled_seq": st.journaled_seq,
         "delivered_seq": st.delivered_seq(st.incarnation),
         "lag": max(0, st.index_of(st.journaled_seq) - st.delivered_index),
+        "last_step": st.last_step,  # the newest explicit step the trainer sent (-1: none yet)
         "duplicates": st.duplicates,
         "out_of_order": st.out_of_order,
         "backpressure": st.backpressure,
