@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import json
 import os
 import subprocess
 import sys
@@ -99,7 +100,13 @@ def main() -> None:
     p.add_argument("--block", type=int, default=10_000)
     p.add_argument("--profile", help="cProfile of the trainer process (its I/O thread is not seen by cProfile)")
     p.add_argument("--sidecar-profile", help="run the sidecar under cProfile, stats to this file")
+    p.add_argument("--trainer-only", metavar="ADDR", help="only the trainer side, into the sidecar at ADDR: "
+                   "prints its numbers as JSON (the benchmark runs it in a fresh process)")
+    p.add_argument("--sidecar-pid", type=int, help="with --trainer-only: the sidecar's pid, for its CPU time")
     a = p.parse_args()
+    if a.trainer_only:
+        print(json.dumps(trainer_to_sidecar(a.trainer_only, a.calls, a.block, a.profile, a.sidecar_pid)))
+        return
     from tests.sidecar_process import SidecarProcess
 
     with tempfile.TemporaryDirectory() as tmp:

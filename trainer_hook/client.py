@@ -959,7 +959,7 @@ class _IOThread(threading.Thread):
 def _row_may_follow(body: dict[str, Any]) -> bool:
     """Can another row follow this one in a ``metric_rows`` message? Not after a row without a step or with
     ``commit=False`` (see ``protocol.schema.MetricRows``)."""
-    return body["step"] is not None and body.get("commit", True) is not False
+    return body.get("step") is not None and body.get("commit", True) is not False
 
 
 def _send_frames(sock: zmq.Socket, frames: Sequence[bytes]) -> None:
