@@ -406,7 +406,7 @@ def fig6_memory(tmp: Path, calls: int) -> None:
 
 
 def fig7_ingest(tmp: Path, calls: int, reps: int) -> None:
-    from benchmarks.ingest import raw_floor, trainer_to_sidecar
+    from benchmarks.ingest import raw_floor
     from tests.sidecar_process import SidecarProcess
 
     ours, floors = [], []

@@ -336,6 +336,8 @@ def _valid_rows(data: bytes, exc: msgspec.ValidationError) -> tuple[MetricRows, 
         raw = _raw_rows_decoder.decode(data)
     except msgspec.ValidationError:
         raise _validation_error(Kind.METRIC_ROWS, exc) from None
+    except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError) as raw_exc:
+        raise MalformedFrame(f"body is not valid msgpack ({type(raw_exc).__name__}: {raw_exc})") from None
     rows, problems = [], []
     decoder = _body_decoders[Kind.METRICS]
     for i, row in enumerate(raw.rows):
@@ -345,6 +347,8 @@ def _valid_rows(data: bytes, exc: msgspec.ValidationError) -> tuple[MetricRows, 
             problems.append(_validation_error(Kind.METRIC_ROWS, msgspec.ValidationError(f"row {i}: {row_exc}")))
         except ProtocolError as row_exc:  # from the ext hook: an array where a scalar belongs
             problems.append(type(row_exc)(f"{Kind.METRIC_ROWS}: row {i}: {row_exc.detail}"))
+        except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError) as row_exc:
+            problems.append(MalformedFrame(f"{Kind.METRIC_ROWS}: row {i}: {type(row_exc).__name__}: {row_exc}"))
     if not rows:
         raise problems[0]
     return MetricRows(rows=rows), tuple(problems)

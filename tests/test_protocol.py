@@ -279,3 +279,19 @@ def test_metric_rows_may_end_with_a_row_without_step() -> None:
     msg = decode(_rows_frames([{"data": {"x": 1}, "step": 1}, {"data": {"y": 2}, "step": None}]))
     assert [row.step for row in msg.body.rows] == [1, None]
     assert msg.body.to_dict() == {"rows": [{"data": {"x": 1}, "step": 1}, {"data": {"y": 2}, "step": None}]}
+
+
+_row_values = st.dictionaries(st.sampled_from(["data", "step", "commit", "x"]),
+                              _msgpack_values | st.dictionaries(st.text(max_size=8), _msgpack_values, max_size=3),
+                              max_size=3)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(_row_values | _msgpack_values, max_size=6))
+def test_metric_rows_garbage_keeps_the_valid_rows_or_raises_protocol_error(rows) -> None:  # type: ignore[no-untyped-def]
+    frames = [msgpack.packb([2, "metric_rows", "r", 2, 0.0, 1, "0123abcd"]), msgpack.packb({"rows": rows})]
+    try:
+        msg = decode(frames)
+    except ProtocolError:
+        return
+    assert msg.kind is Kind.METRIC_ROWS and len(msg.body.rows) + len(msg.problems) == len(rows)
