@@ -31,6 +31,7 @@ log = logging.getLogger("sidecar.metrics")
 PREFIX = "wandb_sidecar"
 _COUNTER_HELP = {
     "received": "Messages received on the socket (trainer data, heartbeats, status requests, rejected ones).",
+    "received_calls": "Like received, with a metric_rows message counted as the log() calls it carries.",
     "received_multiparts": "ZeroMQ multipart messages received (each carries one or more messages).",
     "journaled": "Messages written to the journal (and so acknowledged).",
     "journal_errors": "Journal batches that failed to be written (not acknowledged; trainers resend).",
