@@ -79,12 +79,8 @@ class RunState:
     replay_at: float = 0.0  # incomplete: when to replay the journal into wandb again
     replay_delay: float = 0.0  # the next wait before a replay (doubles, from the server's replay_backoff)
 
-    def saw_step(self, body: Any) -> None:
-        """A metrics body was accepted: remember its (last row's) step."""
-        rows = body.rows if "rows" in body else [body]
-        step = rows[-1].step
-        if type(step) is not int and len(rows) > 1:  # only the last row may be without a step
-            step = rows[-2].step
+    def saw_step(self, step: Any) -> None:
+        """A metrics message was accepted with this (last) step: None and UNSET say nothing."""
         if type(step) is int and step > self.last_step:
             self.last_step = step
 

@@ -301,10 +301,12 @@ class SidecarServer:
                         "rejected_seq": header.seq}, header.incarnation)
         msg.index = st.last_index
         if header.kind is Kind.METRIC_ROWS:
-            self.counters["received_calls"] += len(msg.body.rows) - 1
-            st.saw_step(msg.body)
+            rows = msg.body.rows
+            self.counters["received_calls"] += len(rows) - 1
+            last = rows[-1].step  # only the last row may be without a step
+            st.saw_step(last if type(last) is int or len(rows) == 1 else rows[-2].step)
         elif header.kind is Kind.METRICS:
-            st.saw_step(msg.body)
+            st.saw_step(msg.body.step)
         batch.accepted.append((st, msg, frames))
 
     def _refuse(self, batch: ReceiveBatch, key: tuple[bytes, str, str], header: Header, reason: str,

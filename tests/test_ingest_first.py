@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from protocol import Kind, encode, split
-from sidecar.admission import admit_body
+from protocol import Kind
 from sidecar.ingest_first import IngestFirst
 from sidecar.paths import FileGuard
 from sidecar.run_worker import RunWorker
+from tests.in_process_wandb import journaled, offline_init_kwargs
 
 
 def test_a_trickle_leaves_delivery_running_a_burst_holds_it_for_a_while() -> None:
@@ -54,26 +53,17 @@ class _CountingGate(threading.Event):
         return False
 
 
-def _message(kind: Kind, seq: int, body: dict, guard: FileGuard):  # type: ignore[no-untyped-def]
-    ((header, frames),) = split(encode(kind, "gated", seq, time.time(), body, "0123abcd"))
-    msg = admit_body(header, frames[1:], guard)
-    msg.index = seq
-    return msg
-
-
 def test_run_start_does_not_wait_for_ingest_but_metrics_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_SILENT", "true")
+    init_kwargs = offline_init_kwargs(tmp_path, monkeypatch, "gate")
     guard = FileGuard([str(tmp_path)])
     gate = _CountingGate()
     delivered: list[int] = []
     worker = RunWorker("gated", guard, lambda run, i: delivered.append(i), lambda *a: None, lambda run: None,
                        delivery_gate=gate)
     worker.start()
-    worker.submit(_message(Kind.RUN_START, 1, {"init_kwargs": {"project": "gate"}}, guard))
-    worker.submit(_message(Kind.METRICS, 2, {"data": {"x": 1.0}, "step": 0}, guard))
-    worker.submit(_message(Kind.METRICS, 3, {"data": {"x": 2.0}, "step": 1}, guard))
+    worker.submit(journaled(Kind.RUN_START, "gated", 1, {"init_kwargs": init_kwargs}))
+    worker.submit(journaled(Kind.METRICS, "gated", 2, {"data": {"x": 1.0}, "step": 0}))
+    worker.submit(journaled(Kind.METRICS, "gated", 3, {"data": {"x": 2.0}, "step": 1}))
     worker.stop(0)
     worker.join(120)
     assert not worker.is_alive() and worker.state == "finished", worker.last_error
